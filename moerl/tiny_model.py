@@ -1,0 +1,64 @@
+"""Tiny Qwen3-MoE checkpoints in Hugging Face format, for CPU runs and tests.
+
+The model is deliberately small enough to train on a laptop CPU in minutes, but keeps every
+feature of the real family that the trainer must get right: GQA, per-head QK-norm, RoPE, a dense
+layer among MoE layers (``mlp_only_layers``), top-k softmax routing with ``norm_topk_prob``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TINY_QWEN3_MOE: dict[str, Any] = dict(
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=128,  # dense-layer MLP width
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+    mlp_only_layers=[0],  # layer 0 is dense: exercises dense rows in routed_experts
+    decoder_sparse_step=1,
+    max_position_embeddings=512,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    router_aux_loss_coef=0.0,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def create_tiny_hf_model(out_dir: str | Path, *, seed: int = 0, init_std: float = 0.02,
+                         **overrides: Any) -> Path:
+    """Write a randomly initialised tiny Qwen3-MoE (config.json + model.safetensors) to ``out_dir``.
+
+    ``overrides`` replace entries of :data:`TINY_QWEN3_MOE`. The weights are saved with
+    ``save_pretrained``, so experts are stored per expert (``mlp.experts.{e}.gate_proj.weight``),
+    exactly as released Qwen3-MoE checkpoints are on disk.
+    """
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    fields = {**TINY_QWEN3_MOE, **overrides}
+    rope_theta = fields.pop("rope_theta")
+    config = Qwen3MoeConfig(**fields, initializer_range=init_std,
+                            rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(config).float()
+    # Router weights initialise to zero in transformers (all experts tie); random routers make
+    # routing decisions non-trivial, which is the point of a routing-replay test model.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0.0, 1.0 / fields["hidden_size"] ** 0.5)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
