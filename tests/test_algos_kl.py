@@ -39,10 +39,14 @@ def test_unbiased_kl_monte_carlo_under_pi_old():
     theta, log_ref, log_old = _categorical()
     log_theta = torch.log_softmax(theta, -1).detach()
     n = 200_000
-    samples = torch.multinomial(log_old.exp(), n, replacement=True, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    samples = torch.multinomial(log_old.exp(), n, replacement=True, generator=gen)
     ones = torch.ones(1, n, dtype=torch.bool)
     est = kl_k3_unbiased(
-        log_theta[samples][None], log_ref[samples][None], ones, old_logprobs_BT=log_old[samples][None]
+        log_theta[samples][None],
+        log_ref[samples][None],
+        ones,
+        old_logprobs_BT=log_old[samples][None],
     )[0]
     target = _true_kl(log_theta, log_ref).item()
     stderr = est.std().item() / math.sqrt(n)

@@ -170,6 +170,8 @@ def overlong_filter(mask_BT: torch.Tensor, truncated_B: torch.Tensor) -> torch.T
 
     Returns the loss mask with the rows of truncated samples (finish_reason "length") cleared, so
     they contribute neither loss nor tokens to the denominators. Same dtype as ``mask_BT``.
+    Compute advantages with the unfiltered mask: a truncated sample still belongs to its group's
+    baseline (with its reward), it only stops receiving gradient.
     """
     check_per_sample(mask_BT, truncated_B=truncated_B)
     keep_B1 = ~truncated_B.bool()[:, None]

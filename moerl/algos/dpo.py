@@ -36,8 +36,12 @@ def dpo_loss(
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    pair_B = (chosen_logprobs_B, rejected_logprobs_B, ref_chosen_logprobs_B, ref_rejected_logprobs_B)
-    shapes = {t.shape for t in pair_B}
+    shapes = {
+        t.shape
+        for t in (
+            chosen_logprobs_B, rejected_logprobs_B, ref_chosen_logprobs_B, ref_rejected_logprobs_B
+        )
+    }
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         found = [tuple(s) for s in shapes]
         raise ValueError(f"DPO inputs must be 1-D [B] tensors of one shape, got {found}")
