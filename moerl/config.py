@@ -1,0 +1,513 @@
+"""moerl's configuration: a tree of frozen dataclasses, loaded from YAML, overridden, validated once.
+
+A run's config is built from one or more YAML files (later files override earlier ones; a file may
+``include:`` others, paths relative to itself), then ``--set section.key=value`` overrides, then
+the first-class flags ``--keep-routing``, ``--routing-replay``, ``--keep-sampling-mask``. Unknown
+keys and bad values raise :class:`ConfigError` naming the key and listing the valid choices.
+Every field is documented by the string literal under it; ``python -m moerl.train --options``
+prints them all (the text is read from this file's source, so it cannot drift from the code).
+
+Leaf functions never receive a config object (STYLE rule 5): the loop unpacks scalars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, with a message that says how to fix it."""
+
+
+# --------------------------------------------------------------------------- the tree
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hf_path: str = "runs/tiny_warmstart/hf"
+    """Hugging Face checkpoint directory (config.json + safetensors) that initialises the actor."""
+    ref_path: str = ""
+    """Reference-policy checkpoint for the KL term; empty = the initial actor weights."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Trainer parameter dtype (Megatron keeps fp32 main weights in the optimizer under bf16)."""
+    recompute: bool = False
+    """Full activation recomputation, one layer at a time (routing replay then uses the
+    replay-backward list of megatron's RouterReplay)."""
+    token_dispatcher: Literal["auto", "allgather", "alltoall"] = "auto"
+    """MoE token dispatcher: auto = alltoall on GPU, allgather on CPU (alltoall needs CUDA)."""
+    critic_path: str = ""
+    """PPO only: checkpoint that initialises the value model; empty = the actor's checkpoint."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (sequence parallelism is on whenever tp > 1, as MoE requires)."""
+    ep: int = 1
+    """Expert-parallel size."""
+    etp: int = 1
+    """Expert tensor-parallel size (experts are usually not tensor-split: 1)."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (ZeRO-1, megatron's distributed optimizer)."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    server: Literal["builtin", "external"] = "builtin"
+    """builtin: moerl starts its own SGLang-compatible server on this machine; external: use
+    ``rollout.url`` (an SGLang server, or a moerl server started separately)."""
+    url: str = ""
+    """Base URL of an external rollout server, e.g. http://10.0.0.5:30000."""
+    api_key: str = ""
+    """API key for the server's mutating endpoints (builtin: generated if empty)."""
+    engine_dtype: Literal["float32", "bfloat16"] = "float32"
+    """builtin server's dtype; bfloat16 against an fp32 trainer makes the engine/trainer mismatch
+    that routing replay and the sampling mask address (as SGLang bf16 vs Megatron does)."""
+    prompts_per_step: int = 8
+    """Prompts per RL step (groups)."""
+    group_size: int = 4
+    """Samples per prompt (``n``): the GRPO group."""
+    temperature: float = 1.0
+    """Sampling temperature (must be > 0 for RL)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off)."""
+    top_k: int = -1
+    """Top-k sampling (-1 = off)."""
+    min_p: float = 0.0
+    """Min-p sampling (0 = off)."""
+    max_new_tokens: int = 16
+    """Generation budget per response (DAPO's L_max)."""
+    concurrency: int = 64
+    """Maximum requests in flight."""
+    timeout_s: float = 300.0
+    """Per-request timeout."""
+    max_retries: int = 8
+    """Retries per request on connection errors and 5xx (exponential backoff)."""
+    seed: int = 1234
+    """Sampling seed; request seeds are derived from it, the step and the sample index."""
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    name: str = "grpo"
+    """Preset name, recorded in the metrics; the fields below define the algorithm."""
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline",
+                       "gae"] = "grpo"
+    """Advantage estimator (moerl.algos.advantages); gae trains a critic (PPO)."""
+    policy_loss: Literal["ppo_clip", "dual_clip", "gspo", "gspo_token", "cispo"] = "ppo_clip"
+    """Policy loss (moerl.algos.policy_losses)."""
+    clip_eps_low: float = 0.2
+    """Lower clip 1 - eps_low (PPO 0.2; GSPO 3e-4)."""
+    clip_eps_high: float = 0.2
+    """Upper clip 1 + eps_high (DAPO clip-higher 0.28; GSPO 4e-4; CISPO's IS-weight cap)."""
+    dual_clip_c: float = 3.0
+    """Dual-clip bound c for policy_loss=dual_clip (Ye et al. 2020)."""
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = (
+        "seq_mean_token_mean")
+    """Loss aggregation (DAPO token_mean; GRPO seq_mean_token_mean; Dr.GRPO constant divisor)."""
+    kl_estimator: Literal["none", "k1", "k2", "k3", "k3_unbiased"] = "none"
+    """KL(pi_theta || pi_ref) estimator; k3_unbiased is DeepSeek-V3.2's ratio-weighted k3."""
+    kl_coef: float = 0.0
+    """KL coefficient beta (loss term, or reward penalty when kl_in_reward)."""
+    kl_in_reward: bool = False
+    """PPO style: subtract beta * KL from the token rewards instead of adding a loss term."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (subtracted from the loss)."""
+    opsm_delta: float = -1.0
+    """Off-policy sequence masking threshold delta (DeepSeek-V3.2); < 0 disables it."""
+    rollout_correction: Literal["none", "tis", "icepop"] = "none"
+    """Train/rollout mismatch correction: truncated importance sampling or icepop masking."""
+    tis_cap: float = 2.0
+    """TIS weight cap C."""
+    icepop_low: float = 0.5
+    """icepop: tokens with pi_old/pi_rollout below this get weight 0."""
+    icepop_high: float = 2.0
+    """icepop: tokens with pi_old/pi_rollout above this get weight 0."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal and refill the batch."""
+    max_refill_rounds: int = 3
+    """Dynamic sampling: extra rollout rounds before training on a smaller batch."""
+    overlong_filter: bool = False
+    """DAPO overlong filtering: responses cut at max_new_tokens do not count in the loss."""
+    overlong_buffer: int = 0
+    """DAPO soft overlong punishment: buffer length L_cache (0 = off)."""
+    overlong_penalty: float = 1.0
+    """Soft overlong punishment scale (reward -= penalty * fraction into the buffer)."""
+    routing_replay: Literal["none", "r2", "r3"] = "none"
+    """none: natural routing; r2: replay the trainer's own old-policy routes in training; r3 (keep
+    routing): replay the rollout engine's routes in the old-logprob and training passes."""
+    keep_sampling_mask: bool = False
+    """Compute pi_theta over the rollout sampler's kept tokens (top-k/top-p/min-p support)."""
+    gamma: float = 1.0
+    """GAE / REINFORCE++ discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    value_clip: float = 0.2
+    """PPO value-function clip range."""
+    value_coef: float = 0.5
+    """Weight of the critic loss."""
+    critic_lr: float = 5e-6
+    """Critic learning rate (PPO)."""
+    ptx_coef: float = 0.0
+    """PPO-ptx: coefficient of the language-model loss on pretraining data."""
+    ptx_path: str = ""
+    """PPO-ptx: JSONL file of {"text": ...} or {"input_ids": [...]} pretraining samples."""
+    dpo_beta: float = 0.1
+    """DPO beta (offline mode only)."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    mode: Literal["rl", "dpo"] = "rl"
+    """rl: online RL against the rollout server; dpo: offline preference pairs (task.path)."""
+    steps: int = 20
+    """RL steps (one rollout each)."""
+    lr: float = 1e-5
+    """Actor learning rate (AdamW)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warmup, in optimizer steps."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip gradients by their global norm across TP/EP/DP."""
+    mini_batches: int = 1
+    """Optimizer steps per rollout (the rollout batch is split into this many mini-batches;
+    more than 1 makes later updates off-policy)."""
+    epochs: int = 1
+    """Passes over the rollout batch per RL step (PPO epochs)."""
+    micro_batch_size: int = 8
+    """Samples per forward/backward (gradient accumulation within a mini-batch)."""
+    seed: int = 1
+    """Trainer seed (model init RNG, data order)."""
+    out_dir: str = "runs/default"
+    """Run directory: metrics, TensorBoard events, checkpoints, the resolved config."""
+    checkpoint_every: int = 10
+    """Save a resumable checkpoint every N steps (0 = only at the end)."""
+    resume: bool = True
+    """Continue from the latest checkpoint in out_dir when one exists."""
+    eval_every: int = 5
+    """Evaluate greedy accuracy on the task's fixed evaluation set every N steps (0 = never)."""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: Literal["arithmetic", "jsonl_math", "preference_jsonl"] = "arithmetic"
+    """arithmetic: synthetic sums with an exact verifier and its own tokenizer (CPU default);
+    jsonl_math: {"prompt", "answer"} lines with a math answer verifier and the model's HF
+    tokenizer; preference_jsonl: {"prompt", "chosen", "rejected"} pairs for DPO."""
+    path: str = ""
+    """Data file for jsonl_math / preference_jsonl."""
+    eval_path: str = ""
+    """Evaluation file for jsonl_math (default: the last eval_size lines of path)."""
+    max_operand: int = 9
+    """arithmetic: operands are drawn from 0..max_operand."""
+    num_terms: int = 2
+    """arithmetic: operands per problem."""
+    eval_size: int = 64
+    """Size of the fixed evaluation set."""
+    seed: int = 7
+    """Seed of the prompt stream and of the evaluation set."""
+
+
+@dataclass(frozen=True)
+class WeightSyncConfig:
+    method: Literal["distributed", "disk"] = "distributed"
+    """distributed: broadcast from trainer rank 0 to the server (SGLang's
+    update_weights_from_distributed); disk: write safetensors and call update_weights_from_disk."""
+    bucket_mb: int = 256
+    """Bucket size for the distributed push."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files to out_dir/tb."""
+    progress: bool = True
+    """Progress bar and per-step summary on the console (rank 0)."""
+    log_level: Literal["debug", "info", "warning"] = "info"
+    """Console log level."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(choices)}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}={value!r} is not a boolean (true/false)")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{key}={value!r} is not an integer")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not an integer") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} is not a number") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} must be a string, got {type(value).__name__}")
+        return "" if value is None else str(value)
+    raise AssertionError(f"unhandled config type {tp} for {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    types = _field_types(cls)
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        where = prefix or "the top level"
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {valid}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = types[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name], key)
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, key)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"include cycle: {' -> '.join(str(p) for p in (*seen, path))}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    merged: dict = {}
+    includes = data.pop("include", []) or []
+    for inc in [includes] if isinstance(includes, str) else includes:
+        merged = _deep_merge(merged, _read_yaml(path.parent / inc, (*seen, path)))
+    return _deep_merge(merged, data)
+
+
+def parse_override(text: str) -> dict:
+    """``a.b=c`` -> ``{"a": {"b": <c parsed as YAML scalar>}}``."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: the key must be section.key, e.g. training.lr=1e-5")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return {parts[0]: {parts[1]: value}}
+
+
+def load_config(paths: list[str | Path] = (), overrides: list[str] = (), *,
+                keep_routing: bool = False, routing_replay: str | None = None,
+                keep_sampling_mask: bool | None = None) -> Config:
+    """Build and validate a Config from YAML files, ``--set`` overrides and the first-class flags."""
+    data: dict = {}
+    for path in paths:
+        data = _deep_merge(data, _read_yaml(Path(path)))
+    for text in overrides:
+        data = _deep_merge(data, parse_override(text))
+    algo = data.setdefault("algorithm", {})
+    if keep_routing and routing_replay not in (None, "r3"):
+        raise ConfigError(f"--keep-routing means --routing-replay r3; it contradicts "
+                          f"--routing-replay {routing_replay}")
+    if keep_routing:
+        algo["routing_replay"] = "r3"
+    elif routing_replay is not None:
+        algo["routing_replay"] = routing_replay
+    if keep_sampling_mask is not None:
+        algo["keep_sampling_mask"] = keep_sampling_mask
+    config = _build(Config, data, "")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that must fail before any work starts, each saying how to fix it."""
+    r, a, t = config.rollout, config.algorithm, config.training
+    problems = []
+    if r.temperature <= 0:
+        problems.append("rollout.temperature must be > 0 for RL (greedy samples have no "
+                        "log-prob to train on)")
+    if not 0 < r.top_p <= 1:
+        problems.append(f"rollout.top_p={r.top_p} must lie in (0, 1]")
+    if r.top_k == 0 or r.top_k < -1:
+        problems.append(f"rollout.top_k={r.top_k}: use -1 (off) or a positive integer")
+    if not 0 <= r.min_p < 1:
+        problems.append(f"rollout.min_p={r.min_p} must lie in [0, 1)")
+    if a.keep_sampling_mask and r.top_p >= 1 and r.top_k == -1 and r.min_p == 0:
+        problems.append("--keep-sampling-mask needs a truncating sampler, but rollout.top_p=1, "
+                        "top_k=-1 and min_p=0 keep the whole vocabulary: set e.g. "
+                        "--set rollout.top_p=0.9 or --set rollout.top_k=50, or drop the flag")
+    if r.server == "external" and not r.url:
+        problems.append("rollout.server=external needs rollout.url (e.g. http://host:30000)")
+    if r.group_size < 1 or r.prompts_per_step < 1 or r.max_new_tokens < 1:
+        problems.append("rollout.group_size, prompts_per_step and max_new_tokens must be >= 1")
+    if a.advantage in ("grpo", "dr_grpo", "rloo") and r.group_size < 2:
+        problems.append(f"algorithm.advantage={a.advantage} compares samples within a group: "
+                        f"set rollout.group_size >= 2")
+    if a.advantage == "gae" and a.policy_loss in ("gspo", "gspo_token"):
+        problems.append("GSPO uses sequence-level advantages; use an outcome estimator "
+                        "(grpo/dr_grpo/rloo), not gae")
+    if a.kl_estimator == "none" and a.kl_coef:
+        problems.append("algorithm.kl_coef is set but kl_estimator=none: choose k1/k2/k3/"
+                        "k3_unbiased or set kl_coef=0")
+    if a.kl_in_reward and a.kl_estimator == "k3_unbiased":
+        problems.append("k3_unbiased is a loss-term estimator (its gradient flows through the "
+                        "ratio); with kl_in_reward use k1")
+    if a.policy_loss in ("gspo", "gspo_token") and a.aggregation != "seq_mean_token_mean":
+        problems.append("GSPO's objective is a mean over sequences of the sequence ratio term: "
+                        "use algorithm.aggregation=seq_mean_token_mean")
+    if a.aggregation == "seq_mean_token_sum_norm" and r.max_new_tokens < 1:
+        problems.append("seq_mean_token_sum_norm divides by rollout.max_new_tokens")
+    if a.overlong_buffer >= r.max_new_tokens:
+        problems.append(f"algorithm.overlong_buffer={a.overlong_buffer} must be smaller than "
+                        f"rollout.max_new_tokens={r.max_new_tokens}")
+    if a.ptx_coef and not a.ptx_path:
+        problems.append("algorithm.ptx_coef > 0 needs algorithm.ptx_path (pretraining JSONL)")
+    if t.mini_batches < 1 or t.epochs < 1 or t.micro_batch_size < 1 or t.steps < 0:
+        problems.append("training.mini_batches, epochs, micro_batch_size must be >= 1, steps >= 0")
+    batch = r.prompts_per_step * r.group_size
+    if t.mode == "rl" and batch % t.mini_batches:
+        problems.append(f"rollout batch {batch} (prompts_per_step*group_size) is not divisible "
+                        f"by training.mini_batches={t.mini_batches}")
+    if t.mode == "dpo" and config.task.name != "preference_jsonl":
+        problems.append("training.mode=dpo trains on preference pairs: set "
+                        "task.name=preference_jsonl and task.path")
+    if config.task.name in ("jsonl_math", "preference_jsonl") and not config.task.path:
+        problems.append(f"task.name={config.task.name} needs task.path")
+    for name in ("tp", "ep", "etp"):
+        if getattr(config.parallel, name) < 1:
+            problems.append(f"parallel.{name} must be >= 1")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+# --------------------------------------------------------------------------- docs and I/O
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a config dataclass (its documentation)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe_options() -> str:
+    """Every ``section.key``, its default and its documentation, for ``--options``."""
+    lines = []
+    for section in fields(Config):
+        cls = _field_types(Config)[section.name]
+        docs = field_docs(cls)
+        lines.append(f"[{section.name}]")
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {section.name}.{f.name} = {default!r}")
+            lines.append(f"      {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every moerl entry point shares: configs, ``--set`` and the replay flags."""
+    parser.add_argument("configs", nargs="*", help="YAML config files, merged left to right")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+    parser.add_argument("--keep-routing", action="store_true",
+                        help="replay the rollout engine's expert routes in training "
+                             "(= --routing-replay r3)")
+    parser.add_argument("--routing-replay", choices=["none", "r2", "r3"], default=None,
+                        help="routing replay mode: none (natural), r2 (replay the trainer's own "
+                             "old-policy routes), r3 (replay the rollout's routes)")
+    parser.add_argument("--keep-sampling-mask", action=argparse.BooleanOptionalAction,
+                        default=None, help="compute the policy's log-probs over the rollout "
+                                           "sampler's kept tokens (top-k/top-p/min-p support)")
+    parser.add_argument("--options", action="store_true",
+                        help="print every config key with its default and documentation, then exit")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.configs, args.overrides, keep_routing=args.keep_routing,
+                       routing_replay=args.routing_replay,
+                       keep_sampling_mask=args.keep_sampling_mask)
+
+
+def with_overrides(config: Config, **sections: dict[str, Any]) -> Config:
+    """A copy of ``config`` with some fields replaced, validated (used by tools that run arms)."""
+    new = replace(config, **{name: replace(getattr(config, name), **values)
+                             for name, values in sections.items()})
+    validate(new)
+    return new

@@ -1,0 +1,62 @@
+"""Tasks: the arithmetic tokenizer and verifier, the JSONL math verifier, determinism."""
+
+import json
+
+import pytest
+
+from moerl.tasks.arithmetic import EOS_ID, ArithmeticTask, CharTokenizer
+from moerl.tasks.math_jsonl import answers_match, extract_answer, read_jsonl
+
+
+def test_char_tokenizer_round_trip_and_errors():
+    tok = CharTokenizer()
+    ids = tok.encode("12+30=42")
+    assert tok.decode(ids + [EOS_ID, 5, 6]) == "12+30=42"  # stops at eos
+    assert all(3 <= i < 64 for i in ids)
+    with pytest.raises(ValueError, match="not in the arithmetic vocabulary"):
+        tok.encode("x")
+
+
+def test_arithmetic_reward_is_exact():
+    task = ArithmeticTask(max_operand=30, seed=1)
+    prompt = task.prompts(0, 1)[0]
+    right = task.tokenizer.encode(prompt.answer) + [EOS_ID]
+    assert task.reward(prompt, right) == 1.0
+    assert task.reward(prompt, right[:-1]) == 0.0  # no eos: nothing committed
+    assert task.reward(prompt, task.tokenizer.encode(prompt.answer + "1") + [EOS_ID]) == 0.0
+    assert task.reward(prompt, [63, EOS_ID]) == 0.0  # unused id
+
+
+def test_prompt_stream_is_deterministic_per_step():
+    a, b = ArithmeticTask(seed=3), ArithmeticTask(seed=3)
+    assert a.prompts(5, 8) == b.prompts(5, 8)
+    assert a.prompts(5, 8) != a.prompts(6, 8)
+    assert a.eval_set() == b.eval_set() and len(a.eval_set()) == 64
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("so the answer is \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("we get 12 then 1,234 apples", "1,234"),
+    ("\\boxed{x^{2}}", "x^{2}"),
+    ("no number", None),
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+@pytest.mark.parametrize("pred, ref, ok", [
+    ("1,234", "1234", True), ("0.5", "1/2", True), ("\\frac{1}{2}", "0.5", True),
+    ("$42$", "42", True), ("42.0", "42", True), ("41", "42", False), ("x", "42", False),
+])
+def test_answers_match(pred, ref, ok):
+    assert answers_match(pred, ref) is ok
+
+
+def test_read_jsonl_reports_line_numbers(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "1+1", "answer": "2"}) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON"):
+        read_jsonl(path, ("prompt", "answer"))
+    path.write_text(json.dumps({"prompt": "1+1"}) + "\n")
+    with pytest.raises(ValueError, match=r":1: missing field\(s\) \['answer'\]"):
+        read_jsonl(path, ("prompt", "answer"))
