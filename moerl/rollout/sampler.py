@@ -1,0 +1,89 @@
+"""Top-k / top-p / min-p sampling that records the sampler's support, as SGLang 0.5.23 does.
+
+Shape-suffix legend: B rows being sampled, V vocabulary, M total kept ids over all rows.
+
+Semantics follow SGLang's PyTorch sampler (``layers/sampler.py``,
+``top_k_top_p_min_p_sampling_from_probs_torch``) and its sampling-mask capture:
+
+- ``z = logits / temperature``; ``p = softmax(z)`` in float32. A request with temperature below
+  1e-6 is greedy: SGLang rewrites it to ``top_k = 1, temperature = 1``.
+- The filters are *joint*: all three thresholds are computed on the same untruncated ``p``
+  (sorted descending, ties broken by token id) and intersected. Rank ``< top_k``; top-p keeps a
+  token while the mass strictly before it is ``<= top_p`` (so the token that crosses ``top_p`` is
+  kept); min-p keeps ``p >= min_p * max(p)``; only tokens with ``p > 0`` are support (a token
+  whose probability underflows to zero cannot be sampled). SGLang's FlashInfer backend applies
+  top-p after renormalising by top-k when min-p is also set; moerl always uses the joint rule.
+- The sampled token's behaviour log-prob is ``z[y] - logsumexp(z[kept])`` (the log of SGLang's
+  ``selected_weight / support_mass``; the same number the trainer recomputes under a keep-mask).
+  Greedy rows report the support ``[y]`` and log-prob exactly 0.
+- The full-vocabulary log-prob is ``log_softmax(z)[y]`` (SGLang's ``output_token_logprobs``).
+- Sampling is by inverse CDF on the kept, unnormalised weights with one uniform per row; the
+  caller draws the uniforms from per-request generators, so a seed fixes a request's output
+  independently of what it is batched with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GREEDY_TEMPERATURE_EPS = 1e-6  # SGLang's _SAMPLING_EPS
+
+
+@dataclass
+class SamplerOutput:
+    token_B: torch.Tensor  # int64 [B]
+    full_logprob_B: torch.Tensor  # float32 [B], log_softmax(z)[y]
+    sampling_logprob_B: torch.Tensor  # float32 [B], z[y] - logsumexp(z[kept])
+    kept_ids_M: torch.Tensor  # int64 [M], each row's support in descending probability
+    kept_len_B: torch.Tensor  # int64 [B]
+    kept_logprobs_M: torch.Tensor  # float32 [M], z[i] - logsumexp(z[kept]) for each kept id
+
+
+def sample_with_support(logits_BV: torch.Tensor, *, temperature_B: torch.Tensor,
+                        top_k_B: torch.Tensor, top_p_B: torch.Tensor, min_p_B: torch.Tensor,
+                        greedy_B: torch.Tensor, uniform_B: torch.Tensor) -> SamplerOutput:
+    """Sample one token per row and return its support and log-probs (see module docstring).
+
+    ``top_k_B`` holds ``TOP_K_ALL`` (or anything >= V) for "no top-k"; greedy rows ignore the
+    filters. ``uniform_B`` are float64 draws in [0, 1).
+    """
+    V = logits_BV.shape[-1]
+    z_BV = logits_BV.float() / temperature_B.float().unsqueeze(1)
+    logp_BV = torch.log_softmax(z_BV, dim=-1)
+    p_BV = logp_BV.exp()
+    # Stable sort on the negated probabilities: ties keep ascending token id, so the support and
+    # the sample do not depend on the sort implementation.
+    p_sorted_BV, idx_sorted_BV = torch.sort(p_BV, dim=-1, descending=True, stable=True)
+    rank_V = torch.arange(V, device=logits_BV.device)
+    mass_before_BV = torch.cumsum(p_sorted_BV, dim=-1) - p_sorted_BV
+    keep_BV = rank_V.unsqueeze(0) < top_k_B.clamp(max=V).unsqueeze(1)
+    keep_BV &= mass_before_BV <= top_p_B.float().unsqueeze(1)
+    keep_BV &= p_sorted_BV >= p_sorted_BV[:, :1] * min_p_B.float().unsqueeze(1)
+    keep_BV &= p_sorted_BV > 0
+    keep_BV[greedy_B] = rank_V == 0
+
+    weights_BV = torch.where(keep_BV, p_sorted_BV.double(), 0.0)
+    cdf_BV = torch.cumsum(weights_BV, dim=-1)
+    target_B = uniform_B.double() * cdf_BV[:, -1]
+    pick_B = torch.searchsorted(cdf_BV, target_B.unsqueeze(1), right=True).squeeze(1)
+    # Float rounding can put the target on the last kept step; never step past the support.
+    pick_B = torch.minimum(pick_B, keep_BV.sum(dim=-1) - 1)
+    pick_B[greedy_B] = 0
+    token_B = idx_sorted_BV.gather(1, pick_B.unsqueeze(1)).squeeze(1)
+
+    z_sorted_BV = z_BV.gather(1, idx_sorted_BV)
+    lse_B = torch.logsumexp(z_sorted_BV.masked_fill(~keep_BV, float("-inf")), dim=-1)
+    sampling_logprob_B = z_BV.gather(1, token_B.unsqueeze(1)).squeeze(1) - lse_B
+    sampling_logprob_B[greedy_B] = 0.0
+    kept_logprobs_BV = z_sorted_BV - lse_B.unsqueeze(1)
+    kept_logprobs_BV[greedy_B, 0] = 0.0
+    return SamplerOutput(
+        token_B=token_B,
+        full_logprob_B=logp_BV.gather(1, token_B.unsqueeze(1)).squeeze(1),
+        sampling_logprob_B=sampling_logprob_B,
+        kept_ids_M=idx_sorted_BV[keep_BV],
+        kept_len_B=keep_BV.sum(dim=-1),
+        kept_logprobs_M=kept_logprobs_BV[keep_BV],
+    )
