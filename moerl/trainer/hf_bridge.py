@@ -1,0 +1,445 @@
+"""Hugging Face safetensors <-> sharded Megatron parameters, for any TP/EP/ETP layout.
+
+Loading reads, on every rank, only the slices of the HF tensors that this rank's parameters hold
+(``safe_open(...).get_slice``), so a large checkpoint never loads whole on one process. Exporting
+walks the model one HF tensor at a time, gathering the shards with collectives, so the peak extra
+memory is one full tensor; the same iterator feeds ``save_hf_checkpoint`` and the weight sync to
+the rollout server, so its order and names are part of the contract: :func:`hf_tensor_shapes`
+lists them, in export order.
+
+The mapping is a list of *units*, one per logical Megatron parameter (experts counted by global
+id), each naming its HF tensors and how Megatron lays them out:
+
+- ``none``: replicated on every TP rank (norms, QK-norms, router).
+- ``rows`` / ``cols``: the full tensor split into equal contiguous blocks along dim 0 / dim 1
+  (vocab-parallel embedding and output layer; ``linear_proj`` and ``linear_fc2``).
+- ``qkv``: Megatron's fused QKV weight stores, per query group ``g``, the rows of the group's
+  ``num_heads / num_kv_heads`` query heads, then its key head, then its value head; TP splits the
+  groups into contiguous blocks.
+- ``glu``: each shard of ``linear_fc1`` is ``[gate_shard; up_shard]`` (TP for dense MLPs, expert
+  TP for experts), so the unsharded Megatron tensor is *not* ``[gate; up]`` when sharded.
+
+Expert ``e`` of a layer lives on EP rank ``e // (num_experts / ep)`` as local expert
+``e % (num_experts / ep)``, under ``experts.local_experts.{j}.linear_fc1.weight`` (local spec) or
+``experts.linear_fc1.weight{j}`` (Transformer Engine grouped GEMM). Transformer Engine also fuses
+the pre-attention norm into ``linear_qkv.layer_norm_weight`` and a dense layer's pre-MLP norm into
+``linear_fc1.layer_norm_weight``; both spellings map to the same HF tensors.
+
+Tied embeddings (``tie_word_embeddings``): transformers does not write ``lm_head.weight``; the
+export does not either, and loading ignores an ``lm_head.weight`` present on disk.
+
+Shape legend: ``V`` vocab, ``H`` hidden, ``G`` query groups (KV heads), ``D`` head dim, ``F`` an
+MLP width; a ``_local`` suffix means this rank's shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moerl.trainer.model import MoEArchitecture
+from moerl.trainer.parallel import ParallelLayout, ProcessGroups
+
+_INDEX_FILE = "model.safetensors.index.json"
+_SINGLE_FILE = "model.safetensors"
+_MAX_LISTED = 12  # names listed per category in an error message
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One logical Megatron parameter and the HF tensors (name, full shape) it is made of."""
+
+    key: str  # canonical Megatron name; experts by global id: "...mlp.experts.{e}.linear_fc1.weight"
+    hf: tuple[tuple[str, tuple[int, ...]], ...]
+    split: str  # "none" | "rows" | "cols" | "qkv" | "glu"
+    expert: int | None = None  # global expert id
+
+    @property
+    def hf_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.hf)
+
+
+def _units(arch: MoEArchitecture) -> list[_Unit]:
+    """All units of the model, in export order (embedding, layer by layer, final norm, head)."""
+    spec = arch.spec
+    h, d, v_size = arch.hidden_size, arch.head_dim, arch.vocab_size
+    q_dim, kv_dim = arch.num_heads * d, arch.num_kv_heads * d
+    q, k, v, o = spec.attn_proj
+
+    def mlp_units(meg: str, hf: str, names: tuple[str, str, str], ffn: int,
+                  expert: int | None) -> list[_Unit]:
+        gate, up, down = names
+        return [_Unit(f"{meg}.linear_fc1.weight",
+                      ((f"{hf}.{gate}.weight", (ffn, h)), (f"{hf}.{up}.weight", (ffn, h))),
+                      "glu", expert),
+                _Unit(f"{meg}.linear_fc2.weight", ((f"{hf}.{down}.weight", (h, ffn)),), "cols",
+                      expert)]
+
+    units = [_Unit("embedding.word_embeddings.weight",
+                   (("model.embed_tokens.weight", (v_size, h)),), "rows")]
+    for i, is_moe in enumerate(arch.moe_layers):
+        meg, hf = f"decoder.layers.{i}", f"model.layers.{i}"
+        attn = f"{hf}.self_attn"
+        units += [
+            _Unit(f"{meg}.input_layernorm.weight", ((f"{hf}.input_layernorm.weight", (h,)),),
+                  "none"),
+            _Unit(f"{meg}.self_attention.linear_qkv.weight",
+                  ((f"{attn}.{q}.weight", (q_dim, h)), (f"{attn}.{k}.weight", (kv_dim, h)),
+                   (f"{attn}.{v}.weight", (kv_dim, h))), "qkv"),
+        ]
+        if spec.qk_norm:
+            units += [_Unit(f"{meg}.self_attention.{which}_layernorm.weight",
+                            ((f"{attn}.{norm}.weight", (d,)),), "none")
+                      for which, norm in zip("qk", spec.qk_norm_names)]
+        units += [
+            _Unit(f"{meg}.self_attention.linear_proj.weight", ((f"{attn}.{o}.weight", (h, q_dim)),),
+                  "cols"),
+            _Unit(f"{meg}.pre_mlp_layernorm.weight",
+                  ((f"{hf}.post_attention_layernorm.weight", (h,)),), "none"),
+        ]
+        mlp = f"{hf}.{spec.mlp}"
+        if not is_moe:
+            units += mlp_units(f"{meg}.mlp", mlp, spec.dense_proj, arch.dense_ffn, None)
+            continue
+        units.append(_Unit(f"{meg}.mlp.router.weight",
+                           ((f"{mlp}.gate.weight", (arch.num_experts, h)),), "none"))
+        for e in range(arch.num_experts):
+            units += mlp_units(f"{meg}.mlp.experts.{e}", f"{mlp}.experts.{e}", spec.expert_proj,
+                               arch.expert_ffn, e)
+    units.append(_Unit("decoder.final_layernorm.weight", (("model.norm.weight", (h,)),), "none"))
+    if not arch.tie_word_embeddings:
+        units.append(_Unit("output_layer.weight", (("lm_head.weight", (v_size, h)),), "rows"))
+    return units
+
+
+def hf_tensor_shapes(arch: MoEArchitecture) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor the model consists of, with its full shape, in export order."""
+    return {name: shape for unit in _units(arch) for name, shape in unit.hf}
+
+
+# Megatron spellings that name the same unit as the canonical (local-spec) name.
+_TE_FUSED_NORMS = (
+    (re.compile(r"^(decoder\.layers\.\d+)\.self_attention\.linear_qkv\.layer_norm_weight$"),
+     r"\1.input_layernorm.weight"),
+    (re.compile(r"^(decoder\.layers\.\d+)\.mlp\.linear_fc1\.layer_norm_weight$"),
+     r"\1.pre_mlp_layernorm.weight"),
+)
+_LOCAL_EXPERT = re.compile(
+    r"^(decoder\.layers\.\d+\.mlp\.experts)\.local_experts\.(\d+)\.(linear_fc[12])\.weight$")
+_GROUPED_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.(linear_fc[12])\.weight(\d+)$")
+
+
+def _canonical_key(name: str, *, experts_per_rank: int, ep_rank: int) -> str:
+    """This rank's Megatron parameter name -> the unit key (experts renumbered to global ids)."""
+    for pattern, repl in _TE_FUSED_NORMS:
+        if pattern.match(name):
+            return pattern.sub(repl, name)
+    if m := _LOCAL_EXPERT.match(name):
+        prefix, local, proj = m.group(1), int(m.group(2)), m.group(3)
+    elif m := _GROUPED_EXPERT.match(name):
+        prefix, proj, local = m.group(1), m.group(2), int(m.group(3))
+    else:
+        return name
+    return f"{prefix}.{ep_rank * experts_per_rank + local}.{proj}.weight"
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers (they keep it as ``.module``)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _local_params(model: torch.nn.Module, arch: MoEArchitecture,
+                  layout: ParallelLayout) -> dict[str, torch.nn.Parameter]:
+    """Unit key -> this rank's parameter; ValueError if the model and ``arch`` disagree."""
+    experts_per_rank = arch.num_experts // layout.ep
+    local = {}
+    for name, param in _unwrap(model).named_parameters():
+        key = _canonical_key(name, experts_per_rank=experts_per_rank, ep_rank=layout.ep_rank)
+        if key in local:
+            raise ValueError(f"two Megatron parameters map to {key!r}")
+        local[key] = param
+    owned = {u.key for u in _units(arch)
+             if u.expert is None or u.expert // experts_per_rank == layout.ep_rank}
+    missing, unexpected = sorted(owned - local.keys()), sorted(local.keys() - owned)
+    if missing or unexpected:
+        raise ValueError("the Megatron model does not match the architecture: "
+                         + _describe(missing=missing, unexpected=unexpected))
+    return local
+
+
+def _describe(**named_lists: list[str]) -> str:
+    parts = []
+    for label, names in named_lists.items():
+        if names:
+            more = f" (+{len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
+            parts.append(f"{label} ({len(names)}): {', '.join(names[:_MAX_LISTED])}{more}")
+    return "; ".join(parts)
+
+
+def _shard_coords(unit: _Unit, layout: ParallelLayout) -> tuple[int, int]:
+    """(shard index, number of shards) of this rank's piece of ``unit``."""
+    if unit.split == "none":
+        return 0, 1
+    if unit.expert is not None:
+        return _expert_tp_rank(layout), layout.etp
+    return layout.tp_rank, layout.tp
+
+
+def _expert_tp_rank(layout: ParallelLayout) -> int:
+    if layout.etp == 1:
+        return 0
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_tensor_parallel_rank()
+
+
+def _expert_tp_group(layout: ParallelLayout) -> dist.ProcessGroup | None:
+    # ProcessGroups has no expert-TP group; with etp == 1 none is needed.
+    if layout.etp == 1:
+        return None
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_tensor_parallel_group()
+
+
+class _Checkpoint:
+    """Lazy reader of an HF safetensors checkpoint (single file or index + shards)."""
+
+    def __init__(self, hf_dir: Path, stack: contextlib.ExitStack) -> None:
+        from safetensors import safe_open
+
+        index = hf_dir / _INDEX_FILE
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (hf_dir / _SINGLE_FILE).exists():
+            with safe_open(hf_dir / _SINGLE_FILE, framework="pt") as f:
+                weight_map = {name: _SINGLE_FILE for name in f.keys()}
+        else:
+            raise ValueError(f"{hf_dir} has neither {_SINGLE_FILE} nor {_INDEX_FILE}")
+        self.files = {name: hf_dir / file for name, file in weight_map.items()}
+        self._handles = {file: stack.enter_context(safe_open(file, framework="pt"))
+                         for file in sorted(set(self.files.values()))}
+
+    def slice(self, name: str):
+        return self._handles[self.files[name]].get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.slice(name).get_shape())
+
+
+def _read_shard(ckpt: _Checkpoint, unit: _Unit, arch: MoEArchitecture, shard: int,
+                num_shards: int) -> torch.Tensor:
+    """This rank's piece of ``unit`` in Megatron's layout, read slice by slice."""
+    if unit.split == "none":
+        return ckpt.slice(unit.hf_names[0])[:]
+
+    def rows(name: str) -> torch.Tensor:
+        n = ckpt.shape(name)[0] // num_shards
+        return ckpt.slice(name)[shard * n:(shard + 1) * n]
+
+    if unit.split == "rows":
+        return rows(unit.hf_names[0])
+    if unit.split == "cols":
+        n = ckpt.shape(unit.hf_names[0])[1] // num_shards
+        return ckpt.slice(unit.hf_names[0])[:, shard * n:(shard + 1) * n]
+    if unit.split == "glu":
+        return torch.cat([rows(name) for name in unit.hf_names])
+    assert unit.split == "qkv", unit.split
+    q_GlocalD, k_GlocalD, v_GlocalD = (rows(name) for name in unit.hf_names)
+    groups_local = arch.num_kv_heads // num_shards
+    per_group = [t.reshape(groups_local, -1, arch.hidden_size)
+                 for t in (q_GlocalD, k_GlocalD, v_GlocalD)]
+    return torch.cat(per_group, dim=1).reshape(-1, arch.hidden_size)
+
+
+def _merge_shards(unit: _Unit, shards: list[torch.Tensor],
+                  arch: MoEArchitecture) -> list[tuple[str, torch.Tensor]]:
+    """Inverse of :func:`_read_shard`: all shards of ``unit`` -> its full HF tensors."""
+    if unit.split == "none":
+        return [(unit.hf_names[0], shards[0])]
+    if unit.split in ("rows", "cols"):
+        return [(unit.hf_names[0], torch.cat(shards, dim=0 if unit.split == "rows" else 1))]
+    if unit.split == "glu":
+        halves = [shard.chunk(2, dim=0) for shard in shards]
+        return [(name, torch.cat([h[i] for h in halves])) for i, name in enumerate(unit.hf_names)]
+    assert unit.split == "qkv", unit.split
+    heads_per_group = arch.num_heads // arch.num_kv_heads
+    d = arch.head_dim
+    qkv_GxH = torch.cat(shards).reshape(arch.num_kv_heads, (heads_per_group + 2) * d,
+                                        arch.hidden_size)
+    q, k, v = qkv_GxH.split([heads_per_group * d, d, d], dim=1)
+    return [(name, t.reshape(-1, arch.hidden_size)) for name, t in zip(unit.hf_names, (q, k, v))]
+
+
+def _check_checkpoint(ckpt: _Checkpoint, arch: MoEArchitecture) -> None:
+    """ValueError listing missing, unexpected and mis-shaped tensors, all at once."""
+    expected = hf_tensor_shapes(arch)
+    present = set(ckpt.files)
+    if arch.tie_word_embeddings:
+        present.discard("lm_head.weight")  # a redundant copy of the tied embedding
+    missing = sorted(expected.keys() - present)
+    unexpected = sorted(present - expected.keys())
+    misshaped = [f"{name} {list(ckpt.shape(name))} (expected {list(expected[name])})"
+                 for name in sorted(expected.keys() & present)
+                 if ckpt.shape(name) != expected[name]]
+    if missing or unexpected or misshaped:
+        raise ValueError(f"HF checkpoint does not match the {arch.family} architecture: "
+                         + _describe(missing=missing, unexpected=unexpected,
+                                     mis_shaped=misshaped))
+
+
+@torch.no_grad()
+def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, arch: MoEArchitecture,
+                    layout: ParallelLayout) -> None:
+    """Copy an HF safetensors checkpoint into this rank's shard of ``model`` (GPTModel or DDP).
+
+    Every Megatron parameter is written exactly once, cast to its dtype; raises ValueError, naming
+    the tensors, if the checkpoint or the model does not match ``arch``. With a mixed-precision or
+    distributed optimizer already built, call its ``reload_model_params()`` afterwards.
+    """
+    units = {unit.key: unit for unit in _units(arch)}
+    local = _local_params(model, arch, layout)
+    with contextlib.ExitStack() as stack:
+        ckpt = _Checkpoint(Path(hf_dir), stack)
+        _check_checkpoint(ckpt, arch)
+        for key, param in local.items():
+            unit = units[key]
+            shard, num_shards = _shard_coords(unit, layout)
+            value = _read_shard(ckpt, unit, arch, shard, num_shards)
+            if value.shape != param.shape:
+                raise ValueError(f"{key}: checkpoint shard {list(value.shape)} does not fit the "
+                                 f"parameter {list(param.shape)} (layout tp={layout.tp} "
+                                 f"ep={layout.ep} etp={layout.etp})")
+            param.copy_(value)
+
+
+def export_hf_weights(model: torch.nn.Module, arch: MoEArchitecture, layout: ParallelLayout, *,
+                      groups: ProcessGroups, source: str = "param",
+                      dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, full_tensor)`` for the whole model, in :func:`hf_tensor_shapes` order.
+
+    Collective: every rank must iterate to the end, in step. Every rank yields every full tensor
+    (gathers are all-gathers, experts are broadcast from their owner within the EP group), so
+    rank 0 has what it needs and the others may drop theirs. ``source="main_grad"`` exports the
+    gradients Megatron DDP accumulated instead of the weights (same layout, same names). Tensors
+    may alias live parameters: copy one to keep it across an optimizer step. ``dtype`` casts.
+    """
+    if source not in ("param", "main_grad"):
+        raise ValueError(f"source must be 'param' or 'main_grad', got {source!r}")
+    local = _local_params(model, arch, layout)
+    if source == "main_grad":
+        if any(getattr(p, "main_grad", None) is None for p in local.values()):
+            raise ValueError("source='main_grad' needs the model wrapped in Megatron DDP")
+        local = {key: p.main_grad for key, p in local.items()}
+    etp_group = _expert_tp_group(layout)
+    experts_per_rank = arch.num_experts // layout.ep
+    for unit in _units(arch):
+        if unit.expert is None:
+            mine = local[unit.key].detach()
+            shards = [mine] if unit.split == "none" else _all_gather(mine, layout.tp, groups.tp)
+        else:
+            mine = _expert_from_owner(local, unit, experts_per_rank, layout, groups.ep)
+            shards = _all_gather(mine, layout.etp, etp_group)
+        for name, full in _merge_shards(unit, shards, arch):
+            yield name, full if dtype is None else full.to(dtype)
+
+
+def _all_gather(tensor: torch.Tensor, size: int, group) -> list[torch.Tensor]:
+    if size == 1:
+        return [tensor]
+    shards = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(shards, tensor.contiguous(), group=group)
+    return shards
+
+
+def _expert_from_owner(local: dict[str, torch.Tensor], unit: _Unit, experts_per_rank: int,
+                       layout: ParallelLayout, ep_group) -> torch.Tensor:
+    """Expert ``unit.expert``'s (expert-TP shard of the) tensor, broadcast from its EP owner."""
+    if layout.ep == 1:
+        return local[unit.key].detach()
+    owner = unit.expert // experts_per_rank
+    if owner == layout.ep_rank:
+        buf = local[unit.key].detach().contiguous()
+    else:
+        # Same layer and projection, one of this rank's experts: same shape and dtype.
+        mine = unit.key.replace(f".experts.{unit.expert}.",
+                                f".experts.{layout.ep_rank * experts_per_rank}.")
+        buf = torch.empty_like(local[mine])
+    dist.broadcast(buf, group=ep_group, group_src=owner)
+    return buf
+
+
+def save_hf_checkpoint(model: torch.nn.Module, arch: MoEArchitecture, layout: ParallelLayout,
+                       groups: ProcessGroups, out_dir: str | Path, hf_config_dir: str | Path, *,
+                       dtype: torch.dtype | None = None,
+                       max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write the model as an HF checkpoint that ``transformers`` loads (collective).
+
+    Rank 0 writes ``model.safetensors`` (or numbered shards plus ``model.safetensors.index.json``
+    when larger than ``max_shard_bytes``) and copies every non-weight file of ``hf_config_dir``
+    (config.json, generation config, tokenizer files). Rank 0 holds one shard in memory at a time.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    is_writer = dist.get_rank() == 0
+    if is_writer:
+        out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    weight_map: dict[str, int] = {}
+    bucket: dict[str, torch.Tensor] = {}
+    bucket_bytes = 0
+    for name, tensor in export_hf_weights(model, arch, layout, groups=groups, dtype=dtype):
+        if not is_writer:
+            continue
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and bucket_bytes + nbytes > max_shard_bytes:
+            files.append(out / f"model-part{len(files)}.safetensors")
+            save_file(bucket, files[-1], metadata={"format": "pt"})
+            bucket, bucket_bytes = {}, 0
+        bucket[name] = tensor.detach().clone().contiguous()
+        bucket_bytes += nbytes
+        weight_map[name] = len(files)
+    if is_writer:
+        files.append(out / f"model-part{len(files)}.safetensors")
+        save_file(bucket, files[-1], metadata={"format": "pt"})
+        _name_shards(out, files, weight_map)
+        _copy_non_weight_files(Path(hf_config_dir), out)
+    dist.barrier(group=groups.world)
+
+
+def _name_shards(out: Path, files: list[Path], weight_map: dict[str, int]) -> None:
+    """Rename the parts to transformers' file names, writing the index when there are several."""
+    for stale in [*out.glob("model*.safetensors"), out / _INDEX_FILE]:
+        if stale not in files and stale.exists():
+            stale.unlink()  # a previous save into the same directory
+    if len(files) == 1:
+        files[0].rename(out / _SINGLE_FILE)
+        return
+    names = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    total = sum(f.stat().st_size for f in files)
+    for file, name in zip(files, names):
+        file.rename(out / name)
+    index = {"metadata": {"total_size": total},
+             "weight_map": {tensor: names[i] for tensor, i in weight_map.items()}}
+    (out / _INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
+def _copy_non_weight_files(src: Path, dst: Path) -> None:
+    if src.resolve() == dst.resolve():
+        return
+    weight_suffixes = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json",
+                       ".bin.index.json")
+    for file in src.iterdir():
+        if file.is_file() and not file.name.endswith(weight_suffixes):
+            shutil.copy2(file, dst / file.name)
