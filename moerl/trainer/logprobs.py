@@ -227,38 +227,43 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         sums_2N[1] = target_z_N.masked_fill_(~target_in_shard_N, 0.0)
         _all_reduce(sums_2N, dist.ReduceOp.SUM, tp_group)
 
-        lse_N = shift_N + sums_2N[0].log()
+        # logsumexp = shift + log(sum) is kept in two parts: shift is an exact logit on every
+        # rank, and the rounding of the sum (which depends on the shard split) then only touches
+        # the small log(sum), not a logsumexp of magnitude |z|.
+        sum_N = sums_2N[0]
         ctx.temperature = temperature
         ctx.keep = keep
-        saved = [logits_NV, lse_N, target_col_N, target_in_shard_N]
+        saved = [logits_NV, shift_N, sum_N, target_col_N, target_in_shard_N]
         if keep is not None and keep.num_masked:
             saved += [kept_z_M, keep.row_M * shard + col_M]
         ctx.save_for_backward(*saved)
-        return sums_2N[1] - lse_N
+        return (sums_2N[1] - shift_N) - sum_N.log()
 
     @staticmethod
     def backward(ctx, grad_N):
-        logits_NV, lse_N, target_col_N, target_in_shard_N = ctx.saved_tensors[:4]
+        logits_NV, shift_N, sum_N, target_col_N, target_in_shard_N = ctx.saved_tensors[:5]
         keep, temperature = ctx.keep, ctx.temperature
         num_rows, shard = logits_NV.shape
         scale_N = grad_N.float() / temperature
         if keep is None or keep.num_full:
-            # -softmax(z) * scale on full rows; masked rows get lse = +inf so exp gives exact 0
-            # there, which keeps the gradient the only [N, V] tensor of the backward.
-            dense_lse_N = lse_N
+            # -softmax(z) * scale = -exp(z - shift) * (scale / sum) on full rows; masked rows get
+            # shift = +inf so exp gives exact 0 there, which keeps the gradient the only [N, V]
+            # tensor of the backward.
+            dense_shift_N = shift_N
             if keep is not None and keep.num_masked:
-                masked_N = torch.ones(num_rows, dtype=torch.bool, device=lse_N.device)
+                masked_N = torch.ones(num_rows, dtype=torch.bool, device=shift_N.device)
                 masked_N[keep.full_rows_F] = False
-                dense_lse_N = lse_N.masked_fill(masked_N, float("inf"))
+                dense_shift_N = shift_N.masked_fill(masked_N, float("inf"))
             grad_NV = _scaled_fp32(logits_NV, temperature)
-            grad_NV.sub_(dense_lse_N.unsqueeze(1)).exp_().mul_(scale_N.neg().unsqueeze(1))
+            grad_NV.sub_(dense_shift_N.unsqueeze(1)).exp_().mul_((-scale_N / sum_N).unsqueeze(1))
         else:
             grad_NV = torch.zeros((num_rows, shard), dtype=torch.float32, device=logits_NV.device)
         flat_grad = grad_NV.view(-1)
         if keep is not None and keep.num_masked:
-            kept_z_M, flat_M = ctx.saved_tensors[4:]
+            kept_z_M, flat_M = ctx.saved_tensors[5:]
             # -p_kept(j) * scale at the kept ids of this shard (other shards' ids add exp(-inf) = 0).
-            kept_grad_M = (kept_z_M - lse_N[keep.row_M]).exp_().mul_(scale_N[keep.row_M]).neg_()
+            kept_grad_M = (kept_z_M - shift_N[keep.row_M]).exp_().mul_(
+                (-scale_N / sum_N)[keep.row_M])
             flat_grad.index_add_(0, flat_M, kept_grad_M)
         rows_N = torch.arange(num_rows, device=logits_NV.device)
         flat_grad.index_add_(0, rows_N * shard + target_col_N,
@@ -319,19 +324,20 @@ class _VocabParallelEntropy(torch.autograd.Function):
         del z_NV, exp_NV
         _all_reduce(sums_2N, dist.ReduceOp.SUM, tp_group)
         entropy_N = sums_2N[0].log() - sums_2N[1] / sums_2N[0]
-        lse_N = shift_N + sums_2N[0].log()
         ctx.temperature = temperature
-        ctx.save_for_backward(logits_NV, lse_N, entropy_N)
+        ctx.save_for_backward(logits_NV, shift_N, sums_2N[0], entropy_N)
         return entropy_N
 
     @staticmethod
     def backward(ctx, grad_N):
-        logits_NV, lse_N, entropy_N = ctx.saved_tensors
-        # dH/dz_j = -p_j (log p_j + H).
-        logp_NV = _scaled_fp32(logits_NV, ctx.temperature).sub_(lse_N.unsqueeze(1))
-        p_NV = logp_NV.exp()
+        logits_NV, shift_N, sum_N, entropy_N = ctx.saved_tensors
+        # dH/dz_j = -p_j (log p_j + H) with p_j = exp(z_j - shift) / sum and
+        # log p_j = (z_j - shift) - log(sum) (see the log-prob forward for why shift stays apart).
+        z_NV = _scaled_fp32(logits_NV, ctx.temperature).sub_(shift_N.unsqueeze(1))
+        exp_NV = z_NV.exp()
         scale_N = grad_N.float() / ctx.temperature
-        grad_NV = logp_NV.add_(entropy_N.unsqueeze(1)).mul_(p_NV).mul_(scale_N.neg().unsqueeze(1))
+        grad_NV = z_NV.add_((entropy_N - sum_N.log()).unsqueeze(1)).mul_(exp_NV)
+        grad_NV.mul_((-scale_N / sum_N).unsqueeze(1))
         return grad_NV.to(logits_NV.dtype), None, None
 
 
