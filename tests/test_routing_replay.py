@@ -7,7 +7,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -227,12 +226,6 @@ def test_routing_replay_refuses_a_second_model(isolated_instances):
 # ----------------------------------------------------------------------------- real models
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(cmd: list[str], timeout: int) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -252,8 +245,8 @@ def _results(stdout: str) -> list[dict]:
 @pytest.mark.timeout(240)
 def test_replay_on_real_models_tp2_ep2():
     script = str(REPO / "tests/dist/replay_checks.py")
-    out = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(_free_port()), script, "--tp", "2", "--ep", "2"],
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2", script, "--tp", "2", "--ep", "2"],
                timeout=200)
     results = _results(out)
     assert sorted(r["rank"] for r in results) == [0, 1]
