@@ -150,12 +150,13 @@ def _select_csr(ids_M, offsets_N1, rows_b, seq_len: int, width: int):
 
 
 def pack_samples(samples: list[Sample], *, pad_id: int, pad_multiple: int = 1,
-                 moe_layer_ids: list[int] | None = None) -> RolloutBatch:
+                 arch=None) -> RolloutBatch:
     """Right-pad samples into a :class:`RolloutBatch` (T rounded up to ``pad_multiple``).
 
     Sampling masks become one CSR over all ``B*T`` positions (rows outside responses empty).
-    Rollout routes keep only ``moe_layer_ids`` (dense layers are zeros on the wire) and are padded
-    for the final token and right padding by :func:`moerl.trainer.routing_replay`'s rule.
+    Rollout routes (when the samples carry them and ``arch``, a ``MoEArchitecture``, is given)
+    keep only the MoE layers and get replayable padding rows
+    (:func:`moerl.trainer.routing_replay.pack_routes_BTLK`).
     """
     if not samples:
         raise ValueError("pack_samples needs at least one sample")
@@ -188,6 +189,11 @@ def pack_samples(samples: list[Sample], *, pad_id: int, pad_multiple: int = 1,
         if not all(has_mask):
             raise ValueError("some samples carry a sampling mask and some do not")
         batch.kept_ids_M, batch.kept_offsets_N1 = _pack_csr(samples, width)
+    if arch is not None and any(s.routes_TLK is not None for s in samples):
+        from moerl.trainer.routing_replay import pack_routes_BTLK
+
+        batch.routes_BTLK = pack_routes_BTLK([s.routes_TLK for s in samples], seq_len=width,
+                                             arch=arch)
     return batch
 
 

@@ -8,8 +8,8 @@ MoE, experts named ``w1/w3/w2``, always-renormalised top-k). A family with share
 (DeepSeek-V2-style, Qwen2-MoE) adds its shared-expert keys to a row.
 
 Transformer Engine layer specs are used when TE and CUDA are present, Megatron's local specs
-otherwise (CPU). Routing replay is always compiled in (``moe_enable_routing_replay``); whether it
-acts is decided per pass by ``moerl.trainer.routing_replay``.
+otherwise (CPU). Routing replay is compiled into the actor (``moe_enable_routing_replay``); whether
+it acts is decided per pass by ``moerl.trainer.routing_replay``.
 """
 
 from __future__ import annotations
@@ -148,11 +148,17 @@ def use_transformer_engine() -> bool:
 
 
 def transformer_config(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: bool,
-                       recompute: bool = False, token_dispatcher: str | None = None):
+                       recompute: bool = False, token_dispatcher: str | None = None,
+                       routing_replay: bool = True):
     """Megatron ``TransformerConfig`` for ``arch`` under ``layout``.
 
     Dropout is off (RL on a pretrained policy); the router computes in fp32 with no auxiliary
     load-balancing loss (the policy-gradient objective alone trains the router).
+    ``calculate_per_token_loss`` makes Megatron DDP *sum* gradients over data-parallel ranks
+    instead of averaging: moerl's losses are already divided by global (all-rank) denominators
+    (``moerl.algos.aggregation``), so the sum is the full-batch gradient.
+    ``routing_replay=False`` builds a model without ``RouterReplay`` instances (the PPO critic:
+    megatron keeps one process-global list of them, which must hold the actor's only).
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -175,7 +181,7 @@ def transformer_config(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: b
         moe_router_pre_softmax=not arch.norm_topk_prob, moe_router_score_function="softmax",
         moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_router_dtype="fp32",
         moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=te,
-        moe_enable_routing_replay=True,
+        moe_enable_routing_replay=routing_replay, calculate_per_token_loss=True,
         normalization="RMSNorm", layernorm_epsilon=arch.rms_norm_eps, qk_layernorm=arch.spec.qk_norm,
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
         add_qkv_bias=False, hidden_dropout=0.0, attention_dropout=0.0,
@@ -189,7 +195,8 @@ def transformer_config(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: b
 
 
 def build_gpt_model(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: bool = False,
-                    recompute: bool = False, token_dispatcher: str | None = None):
+                    recompute: bool = False, token_dispatcher: str | None = None,
+                    routing_replay: bool = True):
     """Build this rank's shard of the Megatron ``GPTModel`` (randomly initialised; load weights
     with ``moerl.trainer.hf_bridge``)."""
     from megatron.core.models.gpt import GPTModel
@@ -197,7 +204,7 @@ def build_gpt_model(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: bool
 
     validate_architecture_layout(arch, tp=layout.tp, ep=layout.ep, etp=layout.etp)
     config = transformer_config(arch, layout, bf16=bf16, recompute=recompute,
-                                token_dispatcher=token_dispatcher)
+                                token_dispatcher=token_dispatcher, routing_replay=routing_replay)
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine(),
                                       normalization="RMSNorm")
     return GPTModel(

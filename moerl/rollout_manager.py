@@ -1,0 +1,177 @@
+"""Trainer rank 0's side of the rollout: the server's lifecycle, generation, weight pushes.
+
+With ``rollout.server=builtin`` the manager starts moerl's server as a subprocess and restarts it
+if it dies: a restarted server loads the last weights that were pushed (kept on disk in the run
+directory for exactly that), under the same weight version, so requests the client retries
+after the restart are served by the same policy and no sample is lost or changes meaning. With
+an external server (SGLang), restarts are the operator's; the client's retries ride them out,
+and a server that comes back with other weights is caught by the weight-version check.
+
+Sampling seeds are a function of ``(rollout.seed, step, group, sample)``, so a resumed run asks
+for exactly the samples an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moerl.batch import Sample
+from moerl.rollout.client import RetryPolicy, RolloutClient, run_sync
+from moerl.rollout.protocol import MoeLayout
+from moerl.rollout.server import ServerHandle, launch_server
+from moerl.rollout.weight_sync import DistributedWeightSync, save_hf_safetensors
+from moerl.rollout.weight_sync import update_weights_from_disk
+
+log = logging.getLogger("moerl.rollout")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    max_new_tokens: int
+    stop_token_ids: tuple[int, ...]
+
+    def params(self, *, greedy: bool = False) -> dict:
+        if greedy:
+            return {"temperature": 0.0, "max_new_tokens": self.max_new_tokens,
+                    "stop_token_ids": list(self.stop_token_ids)}
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "min_p": self.min_p, "max_new_tokens": self.max_new_tokens,
+                "stop_token_ids": list(self.stop_token_ids)}
+
+
+class RolloutManager:
+    def __init__(self, *, builtin: bool, url: str, api_key: str, engine_dtype: str,
+                 concurrency: int, timeout_s: float, max_retries: int, seed: int,
+                 sampling: SamplingSettings, layout: MoeLayout, return_routes: bool,
+                 return_mask: bool, sync_method: str, bucket_mb: int, run_dir: Path,
+                 hf_config_dir: str, max_batch_size: int = 64):
+        self.builtin, self.url, self.api_key = builtin, url, api_key or None
+        self.engine_dtype, self.seed, self.sampling = engine_dtype, seed, sampling
+        self.layout, self.return_routes, self.return_mask = layout, return_routes, return_mask
+        self.sync_method, self.bucket_bytes = sync_method, bucket_mb << 20
+        self.weights_dir = run_dir / "rollout_weights"  # the last pushed weights, HF format
+        self.hf_config_dir = hf_config_dir
+        self.concurrency, self.timeout_s = concurrency, timeout_s
+        self.retry = RetryPolicy(max_attempts=max_retries)
+        self.max_batch_size = max_batch_size
+        self.server: ServerHandle | None = None
+        self.client: RolloutClient | None = None
+        self._sync: DistributedWeightSync | None = None
+        self.version = ""
+        self.restarts = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, weights_dir: str | Path, version: str) -> None:
+        """Start (builtin) or connect to the server, serving ``weights_dir`` as ``version``."""
+        self.version = version
+        if self.builtin:
+            self._launch(weights_dir, port=0)
+        self.client = RolloutClient(self.url, api_key=self.api_key, concurrency=self.concurrency,
+                                    timeout_s=self.timeout_s, retry=self.retry,
+                                    layout=self.layout)
+        served = run_sync(self.client.weight_version())
+        if not self.builtin and served != version:
+            log.warning("external server reports weight version %r; pushing %r weights", served,
+                        version)
+
+    def _launch(self, weights_dir: str | Path, *, port: int) -> None:
+        self.server = launch_server(
+            weights_dir, port=port, api_key=self.api_key or "auto", dtype=self.engine_dtype,
+            seed=self.seed, max_batch_size=self.max_batch_size,
+            extra_args=("--weight-version", self.version), num_threads=1,
+            log_path=self.weights_dir.parent / "rollout_server.log")
+        self.api_key, self.url = self.server.api_key, self.server.url
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompt_ids: list[list[int]], *, n: int, step: int, group_offset: int = 0,
+                 greedy: bool = False) -> list[Sample]:
+        """``n`` samples per prompt from the current policy; restarts a dead builtin server."""
+        params = self.sampling.params(greedy=greedy)
+        coro = self.client.generate(
+            prompt_ids, n=n, sampling_params=params, seed=None if greedy else hash_seed(
+                self.seed, step), return_routes=self.return_routes and not greedy,
+            return_sampling_mask=self.return_mask and not greedy,
+            group_index_offset=group_offset)
+        samples = run_sync(self._with_watchdog(coro))
+        stale = {s.weight_version for s in samples} - {self.version}
+        if stale:
+            raise RuntimeError(f"rollout server answered with weight version(s) {sorted(stale)}, "
+                               f"expected {self.version!r}: it is serving other weights")
+        return samples
+
+    async def _with_watchdog(self, coro):
+        """Run ``coro``; meanwhile, if the builtin server process dies, restart it on its port
+        with the last pushed weights so the client's retries land on the same policy."""
+        task = asyncio.ensure_future(coro)
+        while not task.done():
+            await asyncio.wait([task], timeout=0.5)
+            if self.builtin and self.server.process.poll() is not None:
+                self.restarts += 1
+                log.warning("rollout server died (exit %s); restarting it on port %d with "
+                            "weights %s (restart #%d)", self.server.process.returncode,
+                            self.server.port, self.version, self.restarts)
+                await asyncio.to_thread(self._restart)
+        return task.result()
+
+    def _restart(self) -> None:
+        if self._sync is not None:
+            self._sync.broken = True  # the server side of the group died with the process
+        weights = self.weights_dir if (self.weights_dir / "config.json").exists() else (
+            self.hf_config_dir)
+        self._launch(weights, port=self.server.port)
+
+    # ------------------------------------------------------------------ weights
+
+    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                     version: str) -> dict:
+        """Send the trainer's weights (HF names) and make ``version`` current on the server.
+
+        For the builtin server the tensors are also written to ``weights_dir`` first: that copy
+        is what a restarted server loads.
+        """
+        if self.builtin or self.sync_method == "disk":
+            tensors = [(name, t.detach().cpu().clone()) for name, t in named_tensors]
+            save_hf_safetensors(tensors, self.weights_dir, config_dir=self.hf_config_dir)
+            named_tensors = tensors
+        if self.sync_method == "disk":
+            stats = update_weights_from_disk([self.client], str(self.weights_dir),
+                                             weight_version=version)
+        else:
+            if self._sync is None or self._sync.broken:
+                if self._sync is not None:
+                    self._sync.close()
+                self._sync = DistributedWeightSync([self.client])
+                self._sync.init()
+            stats = self._sync.push(named_tensors, weight_version=version,
+                                    bucket_bytes=self.bucket_bytes)
+        served = run_sync(self.client.weight_version())
+        if served != version:
+            raise RuntimeError(f"after the weight push the server reports version {served!r}, "
+                               f"expected {version!r}")
+        self.version = version
+        return stats
+
+
+def hash_seed(seed: int, step: int) -> int:
+    """The rollout seed of one RL step (the client derives per-sample seeds from it)."""
+    return (seed * 1_000_003 + step) % (2**31 - 1)

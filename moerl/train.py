@@ -1,0 +1,459 @@
+"""moerl's main job: RL post-training of a Megatron MoE policy against a rollout server.
+
+    torchrun --nproc_per_node 2 -m moerl.train configs/grpo.yaml [--set a.b=c] [--keep-routing]
+
+One RL step reads as the pipeline (DESIGN.md):
+
+    prompts -> rollout -> rewards -> dynamic sampling -> reference log-probs -> old log-probs
+    -> advantages -> mini-batch updates -> weight sync -> metrics -> checkpoint
+
+Rank 0 drives the rollout server and scores samples; the packed batch is broadcast to every
+rank. Each data-parallel rank computes the log-probs of its share of the rows, which are then
+all-gathered so advantages see the whole batch. Updates split every mini-batch across
+data-parallel ranks; loss denominators are global, gradients are summed.
+
+Deviations from the papers' algorithms, all deliberate:
+- pi_old in the PPO ratio is the trainer's recompute (``old_logprobs``), not the engine's
+  log-probs; OPSM and the rollout corrections use the engine's, as their papers say.
+- Dynamic sampling refills by generating more groups, at most ``max_refill_rounds`` times, then
+  trains on what it has (DAPO keeps sampling without bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moerl.algos import dynamic_sampling_keep, local_denominators, mismatch_metrics
+from moerl.batch import RolloutBatch, Sample, broadcast_batch, pack_samples
+from moerl.checkpoint import CheckpointManager
+from moerl.config import Config, ConfigError, add_cli_arguments, config_from_args
+from moerl.config import describe_options, dump_yaml
+from moerl.objective import Objective, compute_advantages, loss_mask, policy_loss
+from moerl.tasks import Task, build_task
+from moerl.telemetry import StageTimer, Telemetry
+
+log = logging.getLogger("moerl")
+
+
+@dataclass
+class Run:
+    """Everything one training process holds."""
+
+    config: Config
+    layout: object
+    groups: object
+    arch: object
+    task: Task | None  # None in DPO mode
+    pad_id: int
+    actor: object
+    critic: object | None
+    objective: Objective
+    rollout: object | None  # RolloutManager on rank 0, None elsewhere
+    checkpoints: CheckpointManager
+    telemetry: Telemetry
+
+    @property
+    def is_driver(self) -> bool:
+        return self.layout.rank == 0
+
+
+# ============================================================================ the loop
+
+
+def train(run: Run, start_step: int) -> None:
+    cfg = run.config
+    for step in range(start_step, cfg.training.steps):
+        timer = StageTimer()
+        with timer("rollout"):
+            batch, rollout_metrics = rollout_stage(run, step)
+        with timer("reference"):
+            reference_stage(run, batch)
+        with timer("old_logprobs"):
+            old_metrics = old_logprob_stage(run, batch)
+        with timer("advantages"):
+            value_stage(run, batch)
+            compute_advantages(batch, run.objective)
+        with timer("update"):
+            update_metrics = update_stage(run, batch, step)
+        with timer("weight_sync"):
+            sync_stage(run, step + 1)
+        with timer("eval"):
+            eval_metrics = eval_stage(run, step + 1)
+        metrics = {**rollout_metrics, **old_metrics, **update_metrics, **eval_metrics,
+                   **timer.metrics()}
+        run.telemetry.log(step, metrics)
+        if run.checkpoints.due(step + 1):
+            run.checkpoints.save(step + 1, run)
+
+
+# ============================================================================ stages
+
+
+def rollout_stage(run: Run, step: int) -> tuple[RolloutBatch, dict]:
+    """Rank 0 generates and scores; dynamic sampling refills; the batch goes to every rank."""
+    cfg = run.config
+    batch, metrics = None, {}
+    if run.is_driver:
+        samples, metrics = _collect_samples(run, step)
+        batch = pack_samples(samples, pad_id=run.pad_id,
+                             pad_multiple=run.layout.tp, arch=run.arch)
+        _check_replay_inputs(cfg, batch)
+    batch = broadcast_batch(batch, src=0, group=run.groups.world)
+    metrics = _broadcast_metrics(run, metrics)
+    return batch, metrics
+
+
+def _collect_samples(run: Run, step: int) -> tuple[list[Sample], dict]:
+    cfg, task = run.config, run.task
+    num_prompts = cfg.rollout.prompts_per_step
+    prompts = task.prompts(step, num_prompts)
+    samples = _generate(run, prompts, step=step, round_=0, offset=0)
+    all_scores = [s.reward for s in samples]
+    rounds = 0
+    if cfg.algorithm.dynamic_sampling:
+        samples = _keep_informative(samples)
+        while len(samples) < num_prompts * cfg.rollout.group_size and (
+                rounds < cfg.algorithm.max_refill_rounds):
+            rounds += 1
+            # Fresh prompts for a refill round come from a separate stream of the same task.
+            extra = task.prompts(10_000_000 + step * 64 + rounds, num_prompts)
+            more = _generate(run, extra, step=step, round_=rounds, offset=rounds * num_prompts)
+            all_scores += [s.reward for s in more]
+            samples = samples + _keep_informative(more)
+        samples = samples[: num_prompts * cfg.rollout.group_size]
+        if not samples:
+            raise RuntimeError("dynamic sampling kept no group: every group's rewards were "
+                               "equal in every round; raise max_refill_rounds or the group size")
+    lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)
+    scores = torch.tensor(all_scores)
+    return samples, {
+        "score/mean": scores.mean().item(),
+        "response_length/mean": lengths.mean().item(),
+        "response_length/max": lengths.max().item(),
+        "truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
+        "dynamic_sampling/refill_rounds": rounds,
+        "dynamic_sampling/kept_frac": len(samples) / len(all_scores),
+        "rollout/server_restarts": run.rollout.restarts,
+    }
+
+
+def _generate(run: Run, prompts, *, step: int, round_: int, offset: int) -> list[Sample]:
+    samples = run.rollout.generate([list(p.ids) for p in prompts], n=run.config.rollout.group_size,
+                                   step=step * 1000 + round_, group_offset=offset)
+    for s in samples:
+        s.reward = run.task.reward(prompts[s.group_index - offset], s.response_ids)
+    return samples
+
+
+def _keep_informative(samples: list[Sample]) -> list[Sample]:
+    rewards = torch.tensor([s.reward for s in samples])
+    groups = torch.tensor([s.group_index for s in samples])
+    keep = dynamic_sampling_keep(rewards, groups)
+    return [s for s, k in zip(samples, keep.tolist()) if k]
+
+
+def _check_replay_inputs(cfg: Config, batch: RolloutBatch) -> None:
+    if cfg.algorithm.routing_replay == "r3" and batch.routes_BTLK is None:
+        raise RuntimeError("--keep-routing needs the rollout's expert routes, but the server "
+                           "returned none: start SGLang with --enable-return-routed-experts "
+                           "(launch/sglang_server.sh --keep-routing)")
+    if cfg.algorithm.keep_sampling_mask and batch.kept_offsets_N1 is None:
+        raise RuntimeError("--keep-sampling-mask needs the sampler's kept sets, but the server "
+                           "returned none: enable sampling-mask return on the server")
+
+
+def _dp_rows(run: Run, num_rows: int) -> torch.Tensor:
+    """This data-parallel rank's rows (strided, so every rank gets a similar mix)."""
+    return torch.arange(run.layout.dp_rank, num_rows, run.layout.dp)
+
+
+def _gather_rows(run: Run, tensor_BT: torch.Tensor) -> None:
+    """All-gather per-row results computed on each DP rank's rows into the full tensor."""
+    if run.layout.dp == 1:
+        return
+    from megatron.core import parallel_state as ps
+
+    summed = tensor_BT.clone()
+    mine = _dp_rows(run, tensor_BT.shape[0])
+    others = torch.ones(tensor_BT.shape[0], dtype=torch.bool)
+    others[mine] = False
+    summed[others] = 0
+    dist.all_reduce(summed, group=ps.get_data_parallel_group())
+    tensor_BT.copy_(summed)
+
+
+def reference_stage(run: Run, batch: RolloutBatch) -> None:
+    if not run.objective.uses_ref:
+        return
+    rows = _dp_rows(run, batch.batch_size)
+    run.actor.compute_ref_logprobs(batch, rows, _pass_settings(run))
+    _gather_rows(run, batch.ref_logprobs_BT)
+
+
+def old_logprob_stage(run: Run, batch: RolloutBatch) -> dict:
+    """pi_old (routing per mode, keep-mask per flag), plus mismatch and routing telemetry."""
+    from moerl.trainer.routing_replay import routing_agreement
+
+    rows = _dp_rows(run, batch.batch_size)
+    entropy_BT = run.actor.compute_old_logprobs(batch, rows, _pass_settings(run))
+    _gather_rows(run, batch.old_logprobs_BT)
+    _gather_rows(run, entropy_BT)
+    if run.layout.dp > 1:
+        _gather_rows(run, batch.trainer_routes_BTLK)
+    mask = batch.response_mask_BT
+    metrics = {f"mismatch/{k.removeprefix('mismatch_')}": v.item() for k, v in
+               mismatch_metrics(batch.old_logprobs_BT, batch.rollout_logprobs_BT, mask).items()}
+    metrics["entropy/old"] = ((entropy_BT * mask).sum() / mask.sum().clamp(min=1)).item()
+    if batch.routes_BTLK is not None:
+        # Routes exist for every real position but the last token of each sample.
+        positions = torch.arange(batch.seq_len)
+        routed_BT = positions < (batch.prompt_lengths_B + batch.response_lengths_B - 1)[:, None]
+        agreement = routing_agreement(batch.trainer_routes_BTLK, batch.routes_BTLK, routed_BT)
+        metrics.update({f"routing/{k}": (v.item() if v.dim() == 0 else v.tolist())
+                        for k, v in agreement.items()})
+    return metrics
+
+
+def value_stage(run: Run, batch: RolloutBatch) -> None:
+    if run.critic is None:
+        return
+    rows = _dp_rows(run, batch.batch_size)
+    run.critic.compute_values(batch, rows, micro_batch_size=run.config.training.micro_batch_size)
+    _gather_rows(run, batch.values_BT)
+
+
+def update_stage(run: Run, batch: RolloutBatch, step: int) -> dict:
+    """``epochs`` passes over the batch, each split into ``mini_batches`` optimizer steps."""
+    cfg = run.config.training
+    settings = _pass_settings(run)
+    per_step: list[dict] = []
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(batch.batch_size, generator=torch.Generator().manual_seed(
+            cfg.seed * 100_003 + step * 101 + epoch))
+        for mini in order.chunk(cfg.mini_batches):
+            mini = mini.sort().values
+            mine = mini[_dp_rows(run, len(mini))]
+            tokens, seqs = _global_denominators(run, batch, mini)
+
+            def loss_fn(mb, logprobs_BT, entropy_BT):
+                return policy_loss(mb, logprobs_BT, entropy_BT, run.objective,
+                                   global_num_tokens=tokens, global_num_seqs=seqs)
+
+            result, metrics = run.actor.train_step(
+                batch, mine, settings, loss_fn, with_entropy=run.objective.needs_entropy_grad)
+            metrics = {k: v.item() for k, v in metrics.items()}
+            metrics.update(grad_norm=result.grad_norm, skipped=float(not result.ok))
+            if not result.ok:
+                log.warning("step %d: optimizer step skipped: %s", step, result.skipped_reason)
+            if run.critic is not None:
+                metrics.update(run.critic.train_step(batch, mine, tokens=tokens,
+                                                     micro_batch_size=cfg.micro_batch_size))
+            per_step.append(metrics)
+    merged = {k: sum(m[k] for m in per_step) / len(per_step) for k in per_step[0]}
+    merged["skipped"] = sum(m["skipped"] for m in per_step)
+    return _mean_over_dp(run, merged)
+
+
+def _global_denominators(run: Run, batch: RolloutBatch, rows: torch.Tensor):
+    """Token and sequence counts of the whole mini-batch (all DP ranks), for loss aggregation."""
+    mask = loss_mask(batch, run.objective)[rows]
+    return local_denominators(mask)
+
+
+def sync_stage(run: Run, version_step: int) -> None:
+    """Push the updated weights; every rank takes part in the gathers, rank 0 sends."""
+    tensors = run.actor.export_hf()
+    if run.is_driver:
+        run.rollout.push_weights(tensors, version=f"step-{version_step}")
+    else:
+        for _ in tensors:
+            pass
+
+
+def eval_stage(run: Run, step: int) -> dict:
+    every = run.config.training.eval_every
+    if not every or step % every:
+        return {}
+    accuracy = 0.0
+    if run.is_driver:
+        prompts = run.task.eval_set()
+        samples = run.rollout.generate([list(p.ids) for p in prompts], n=1, step=-step,
+                                       greedy=True)
+        accuracy = sum(run.task.reward(prompts[s.group_index], s.response_ids)
+                       for s in samples) / len(samples)
+    return _broadcast_metrics(run, {"eval/accuracy": accuracy})
+
+
+# ============================================================================ helpers
+
+
+def _pass_settings(run: Run):
+    from moerl.trainer.actor import PassSettings
+    from moerl.trainer.routing_replay import ReplayMode
+
+    cfg = run.config
+    return PassSettings(temperature=cfg.rollout.temperature,
+                        keep_sampling_mask=cfg.algorithm.keep_sampling_mask,
+                        replay=ReplayMode(cfg.algorithm.routing_replay),
+                        micro_batch_size=cfg.training.micro_batch_size)
+
+
+def _broadcast_metrics(run: Run, metrics: dict) -> dict:
+    """Rank 0's scalar metrics on every rank (JSON over a byte tensor, no pickle)."""
+    if run.layout.world == 1:
+        return metrics
+    raw = json.dumps(metrics).encode() if run.is_driver else b""
+    size = torch.tensor([len(raw)])
+    dist.broadcast(size, 0)
+    buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if run.is_driver else torch.empty(
+        int(size), dtype=torch.uint8)
+    dist.broadcast(buf, 0)
+    return json.loads(bytes(buf.tolist()).decode())
+
+
+def _mean_over_dp(run: Run, metrics: dict) -> dict:
+    if run.layout.dp == 1:
+        return metrics
+    from megatron.core import parallel_state as ps
+
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values, group=ps.get_data_parallel_group())
+    return {k: v / run.layout.dp for k, v in zip(keys, values.tolist())}
+
+
+# ============================================================================ set-up
+
+
+def setup(cfg: Config) -> tuple[Run, int]:
+    """Validate against the model, initialise parallelism, build actor/critic/server; resume."""
+    from moerl.rollout.protocol import MoeLayout
+    from moerl.rollout_manager import RolloutManager, SamplingSettings
+    from moerl.trainer.actor import Actor
+    from moerl.trainer.model import architecture_from_hf, validate_architecture_layout
+    from moerl.trainer.parallel import init_parallel
+
+    hf_path = Path(cfg.model.hf_path)
+    if not (hf_path / "config.json").is_file():
+        raise ConfigError(f"model.hf_path={cfg.model.hf_path} has no config.json; for the tiny "
+                          f"default run `python -m moerl.warmstart --out {cfg.model.hf_path}` "
+                          f"(launch/local.sh does this for you)")
+    arch = architecture_from_hf(json.loads((hf_path / "config.json").read_text()))
+    p = cfg.parallel
+    validate_architecture_layout(arch, tp=p.tp, ep=p.ep, etp=p.etp)
+    layout, groups = init_parallel(tp=p.tp, ep=p.ep, etp=p.etp, seed=cfg.training.seed,
+                                   timeout_s=3600.0)
+    out_dir = Path(cfg.training.out_dir)
+    if layout.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, out_dir / "config.yaml")
+    t, rl = cfg.task, cfg.training.mode == "rl"
+    task = build_task(name=t.name, path=t.path, eval_path=t.eval_path,
+                      max_operand=t.max_operand, num_terms=t.num_terms, eval_size=t.eval_size,
+                      seed=t.seed, model_dir=str(hf_path)) if rl else None
+    if task is not None and task.tokenizer.vocab_size > arch.vocab_size:
+        raise ConfigError(f"task {t.name}'s tokenizer has {task.tokenizer.vocab_size} ids but "
+                          f"the model's vocabulary has {arch.vocab_size}")
+    hf_config = json.loads((hf_path / "config.json").read_text())
+    pad_id = task.tokenizer.pad_id if task is not None else (hf_config.get("pad_token_id") or 0)
+    tr = cfg.training
+    optim = dict(lr=tr.lr, weight_decay=tr.weight_decay, adam_beta1=tr.adam_beta1,
+                 adam_beta2=tr.adam_beta2, clip_grad=tr.grad_clip, warmup_steps=tr.warmup_steps,
+                 use_distributed_optimizer=p.distributed_optimizer,
+                 bf16=cfg.model.dtype == "bfloat16")
+    dispatcher = None if cfg.model.token_dispatcher == "auto" else cfg.model.token_dispatcher
+    actor = Actor(arch=arch, layout=layout, groups=groups, hf_path=str(hf_path),
+                  ref_path=cfg.model.ref_path, bf16=cfg.model.dtype == "bfloat16",
+                  recompute=cfg.model.recompute, token_dispatcher=dispatcher, optim=optim)
+    critic = None
+    if cfg.algorithm.advantage == "gae":
+        from moerl.trainer.critic import Critic
+
+        critic = Critic(arch=arch, layout=layout, groups=groups,
+                        hf_path=cfg.model.critic_path or str(hf_path),
+                        bf16=cfg.model.dtype == "bfloat16", token_dispatcher=dispatcher,
+                        optim={**optim, "lr": cfg.algorithm.critic_lr},
+                        value_clip=cfg.algorithm.value_clip)
+    objective = Objective.from_config(cfg.algorithm, cfg.rollout)
+    checkpoints = CheckpointManager(out_dir / "checkpoints", every=tr.checkpoint_every,
+                                    final_step=tr.steps, layout=layout)
+    start_step = 0
+    if tr.resume and checkpoints.latest() is not None:
+        start_step = checkpoints.load(checkpoints.latest(), actor, critic)
+        log.warning("resumed from step %d (%s)", start_step, checkpoints.path(start_step))
+    rollout = None
+    if layout.rank == 0 and rl:
+        r = cfg.rollout
+        sampling = SamplingSettings(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                    min_p=r.min_p, max_new_tokens=r.max_new_tokens,
+                                    stop_token_ids=(task.tokenizer.eos_id,))
+        rollout = RolloutManager(
+            builtin=r.server == "builtin", url=r.url, api_key=r.api_key,
+            engine_dtype=r.engine_dtype, concurrency=r.concurrency, timeout_s=r.timeout_s,
+            max_retries=r.max_retries, seed=r.seed, sampling=sampling,
+            layout=MoeLayout.from_hf_config(hf_path), return_routes=True,
+            return_mask=cfg.algorithm.keep_sampling_mask, sync_method=cfg.weight_sync.method,
+            bucket_mb=cfg.weight_sync.bucket_mb, run_dir=out_dir, hf_config_dir=str(hf_path),
+            max_batch_size=min(256, r.prompts_per_step * r.group_size))
+        rollout.start(hf_path, version="step-0")
+    telemetry = Telemetry(out_dir, total_steps=tr.steps, start_step=start_step,
+                          tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
+                          enabled=layout.rank == 0)
+    run = Run(config=cfg, layout=layout, groups=groups, arch=arch, task=task, pad_id=pad_id,
+              actor=actor,
+              critic=critic, objective=objective, rollout=rollout, checkpoints=checkpoints,
+              telemetry=telemetry)
+    if start_step > 0 and rl:
+        sync_stage(run, start_step)  # the server starts from hf_path: give it the restored policy
+    return run, start_step
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moerl.train", description=__doc__.split("\n\n")[0])
+    add_cli_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.options:
+        print(describe_options())
+        return 0
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as err:
+        print(f"moerl: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.logging.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine and Apex) .*installed")
+    from moerl.trainer.parallel import destroy_parallel
+
+    run = None
+    try:
+        run, start_step = setup(cfg)
+        if cfg.training.mode == "dpo":
+            from moerl.dpo import train_dpo
+
+            train_dpo(run, start_step)
+        else:
+            train(run, start_step)
+    except ConfigError as err:
+        print(f"moerl: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if run is not None:
+            run.telemetry.close()
+            if run.rollout is not None:
+                run.rollout.close()
+        destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

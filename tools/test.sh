@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite, after the same idempotent set-up as the main job. Fails when any test
+# fails or when no test ran. Extra arguments go to pytest (e.g. -k routing, -x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+launch/setup.sh
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+set +e
+python -m pytest "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+  echo "tools/test.sh: no tests ran" >&2
+  exit 1
+fi
+exit "$status"
