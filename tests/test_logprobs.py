@@ -206,17 +206,20 @@ def test_other_user_errors():
 
 
 class _TensorLog(TorchDispatchMode):
-    """Records (op, numel, dtype, storage pointer) of every tensor every aten op returns."""
+    """Records (op, numel, dtype) of every tensor an aten op returns in storage it newly
+    allocated; views and in-place results of known storages (``known`` included) are skipped."""
 
-    def __init__(self):
+    def __init__(self, *known: torch.Tensor):
         super().__init__()
+        self.seen = {t.untyped_storage().data_ptr() for t in known}
         self.outputs = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.outputs.append((str(func), t.numel(), t.dtype, t.untyped_storage().data_ptr()))
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:
+                self.seen.add(t.untyped_storage().data_ptr())
+                self.outputs.append((str(func), t.numel(), t.dtype))
         return out
 
 
@@ -224,28 +227,29 @@ def test_masked_path_never_builds_a_tokens_by_vocab_mask():
     num_rows, vocab = 64, 512
     logits, targets, ids, offsets, _ = _case(1, num_rows, vocab, ("some", "one"))
     leaf = logits.clone().requires_grad_()
-    with _TensorLog() as fwd:
+    with _TensorLog(leaf) as fwd:
         logp = vocab_parallel_logprobs(leaf, targets, tp_group=None, temperature=0.7,
                                        kept_ids_M=ids, kept_offsets_N1=offsets)
     # Every row masked: the forward is O(M) (the sort of the uniqueness check included).
-    largest = max(numel for _, numel, _, _ in fwd.outputs)
+    largest = max(numel for _, numel, _ in fwd.outputs)
     assert largest <= max(ids.numel(), 2 * num_rows), (largest, ids.numel())
-    with _TensorLog() as bwd:
+    with _TensorLog(leaf) as bwd:
         logp.sum().backward()
-    big = {ptr for _, numel, _, ptr in bwd.outputs if numel >= num_rows * vocab}
-    assert len(big) == 1  # the gradient itself
+    big = [op for op, numel, _ in bwd.outputs if numel >= num_rows * vocab]
+    assert len(big) == 1, big  # the gradient itself
     assert all(not (dtype == torch.bool and numel >= num_rows * vocab)
-               for _, numel, dtype, _ in fwd.outputs + bwd.outputs)
+               for _, numel, dtype in fwd.outputs + bwd.outputs)
 
     # Mixed rows: the full-vocabulary rows need one fp32 [F, V] temporary, never more than N*V,
     # and still no bool [N, V].
     logits, targets, ids, offsets, _ = _case(1, num_rows, vocab, ("full", "some", "one"))
-    with _TensorLog() as mixed:
-        vocab_parallel_logprobs(logits.requires_grad_(), targets, tp_group=None, kept_ids_M=ids,
+    leaf = logits.clone().requires_grad_()
+    with _TensorLog(leaf) as mixed:
+        vocab_parallel_logprobs(leaf, targets, tp_group=None, kept_ids_M=ids,
                                 kept_offsets_N1=offsets).sum().backward()
-    assert max(numel for _, numel, _, _ in mixed.outputs) <= num_rows * vocab
+    assert max(numel for _, numel, _ in mixed.outputs) <= num_rows * vocab
     assert all(not (dtype == torch.bool and numel >= num_rows * vocab)
-               for _, numel, dtype, _ in mixed.outputs)
+               for _, numel, dtype in mixed.outputs)
 
 
 def _free_port() -> int:
