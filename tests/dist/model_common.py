@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 BATCH, SEQ = 4, 16  # SEQ is a multiple of every TP size the tests use (sequence parallelism)
+LR, WD, EPS = 1e-3, 0.1, 1e-8  # AdamW of tests/dist/model_train.py
 
 
 def torchrun(script: str, *args: str, nproc: int, timeout_s: float = 240.0) -> str:

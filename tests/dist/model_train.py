@@ -12,6 +12,7 @@ With data parallelism each DP rank takes its slice of the fixed batch; DDP sums 
 - skip: an inf injected into one main_grad on the last rank only; the step must be skipped on all
   ranks with weights and optimizer state untouched.
 - clip: a step with clip_grad far below the norm; the norm of the clipped gradient.
+- warmup: learning rates of a fresh optimizer with 4 warmup steps, one step skipped.
 - resume: save after the clip step, take one more step; rebuild model and optimizer from scratch,
   load, take the same step; the weights must be bit-identical.
 """
@@ -27,23 +28,21 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from model_common import (  # noqa: E402
-    export_dict, fixed_batch, init_layout, load_arch, target_logprobs, write_json)
+    EPS, LR, WD, export_dict, fixed_batch, init_layout, load_arch, target_logprobs, write_json)
 
 from moerl.trainer.hf_bridge import load_hf_weights  # noqa: E402
 from moerl.trainer.model import build_gpt_model  # noqa: E402
 from moerl.trainer.optimizer import build_optimizer  # noqa: E402
 
-LR, WD, EPS = 1e-3, 0.1, 1e-8
 
-
-def fresh(arch, ckpt, layout, groups, *, clip: float):
+def fresh(arch, ckpt, layout, groups, *, clip: float, warmup_steps: int = 0):
     from megatron.core.transformer.moe.router_replay import RouterReplay
 
     RouterReplay.clear_global_router_replay_instances()
     model = build_gpt_model(arch, layout)
     load_hf_weights(model, ckpt, arch, layout)
     return build_optimizer(model, layout, groups, lr=LR, weight_decay=WD, adam_eps=EPS,
-                           clip_grad=clip)
+                           clip_grad=clip, warmup_steps=warmup_steps)
 
 
 def backward(opt, batch, tp: int, scale: float = 1.0):
@@ -123,6 +122,18 @@ def clip_check(opt, arch, layout, groups, batch, clip):
     return {"ok": res.ok, "grad_norm": res.grad_norm, "clip": clip, "clipped_norm": clipped}
 
 
+def warmup_check(arch, ckpt, layout, groups, batch):
+    """Learning rates of four steps with warmup 4, the second one skipped (inf gradient)."""
+    opt = fresh(arch, ckpt, layout, groups, clip=1e6, warmup_steps=4)
+    lrs = []
+    for i in range(4):
+        backward(opt, batch, layout.tp)
+        if i == 1:
+            next(iter(opt.model.module.parameters())).main_grad.view(-1)[0] = float("nan")
+        lrs.append(opt.step().lr)
+    return {"lrs": lrs, "num_updates": opt.num_updates}
+
+
 def resume_check(opt, arch, ckpt, layout, groups, batch):
     with tempfile.TemporaryDirectory() as tmp:
         shared = [tmp]
@@ -152,6 +163,7 @@ def run_layout(args, spec):
            "step1": step_one(opt, arch, layout, groups, batch, tag, Path(args.out))}
     res["skip"] = skip_check(opt, layout, batch)
     res["clip"] = clip_check(opt, arch, layout, groups, batch, clip=1e-3)
+    res["warmup"] = warmup_check(arch, args.ckpt, layout, groups, batch)
     res["resume"] = resume_check(opt, arch, args.ckpt, layout, groups, batch)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, res)
