@@ -41,3 +41,21 @@ def test_parity_tp2_ep2_matches_hf(tmp_path):
     assert result["max_abs_logp_diff"] <= 1e-4
     assert result["mean_abs_logp_diff"] <= result["max_abs_logp_diff"]
     assert result["route_agreement"] == 1.0 and result["token_route_mismatch"] == 0.0
+
+
+@pytest.mark.timeout(120)
+def test_bench_trainer_runs_and_masked_memory_tracks_kept_ids():
+    out = _run([sys.executable, str(REPO / "tools/bench_trainer.py"), "--rounds", "1",
+                "--hidden", "64", "--layers", "2", "--experts", "4", "--topk", "2",
+                "--expert-ffn", "32", "--model-vocab", "256", "--batch", "2", "--seq", "16",
+                "--tokens", "64", "--vocab", "4096", "--kept", "1", "8", "64"], timeout=100)
+    (result,) = _json_lines(out)
+    replay = result["replay"]
+    assert set(replay["median_s"]) == {"natural", "r3_same_routes", "r3_random_routes"}
+    assert all(t > 0 for t in replay["median_s"].values())
+    rows = {row["kept_per_token"]: row for row in result["logprobs"]["rows"]}
+    full_fwd = rows["all"]["peak_fwd_bytes"]
+    # The unmasked forward holds one fp32 [N, V] temporary; the masked one only O(kept ids).
+    assert full_fwd >= result["logprobs"]["tokens_x_vocab_fp32_bytes"]
+    assert rows[1]["peak_fwd_bytes"] < rows[8]["peak_fwd_bytes"] < rows[64]["peak_fwd_bytes"]
+    assert rows[64]["peak_fwd_bytes"] < full_fwd / 4  # M = N * V / 64
