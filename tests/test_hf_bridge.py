@@ -154,11 +154,18 @@ def test_logprobs_match_transformers(bridge, run):
     assert diff.max().item() <= LOGP_TOL, f"{run}: max {diff.max():.3g} mean {diff.mean():.3g}"
 
 
-def test_saved_checkpoint_loads_in_transformers_unchanged(bridge):
+@pytest.mark.parametrize("saved", ["saved_hf", "saved_hf_sharded"])
+def test_saved_checkpoint_loads_in_transformers_unchanged(bridge, saved):
     from transformers import AutoModelForCausalLM
 
-    saved_dir = bridge["out"] / "saved_hf"
+    saved_dir = bridge["out"] / saved
     assert (saved_dir / "config.json").exists()
+    index = saved_dir / "model.safetensors.index.json"
+    if saved == "saved_hf":
+        assert sorted(p.name for p in saved_dir.glob("*.safetensors")) == ["model.safetensors"]
+    else:
+        files = set(json.loads(index.read_text())["weight_map"].values())
+        assert len(files) > 1 and files == {p.name for p in saved_dir.glob("*.safetensors")}
     original = AutoModelForCausalLM.from_pretrained(bridge["ckpts"]["qwen"], dtype=torch.float32)
     saved = AutoModelForCausalLM.from_pretrained(saved_dir, dtype=torch.float32)
     ref, got = original.state_dict(), saved.state_dict()

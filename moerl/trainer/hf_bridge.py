@@ -28,8 +28,8 @@ the pre-attention norm into ``linear_qkv.layer_norm_weight`` and a dense layer's
 Tied embeddings (``tie_word_embeddings``): transformers does not write ``lm_head.weight``; the
 export does not either, and loading ignores an ``lm_head.weight`` present on disk.
 
-Shape legend: ``V`` vocab, ``H`` hidden, ``G`` query groups (KV heads), ``D`` head dim, ``F`` an
-MLP width; a ``_local`` suffix means this rank's shard.
+Shape legend: ``G`` query groups (KV heads) in the tensor, ``R`` rows of one group in the fused
+QKV weight (``(num_heads / num_kv_heads + 2) * head_dim``), ``H`` hidden size.
 """
 
 from __future__ import annotations
@@ -191,25 +191,18 @@ def _shard_coords(unit: _Unit, layout: ParallelLayout) -> tuple[int, int]:
     if unit.split == "none":
         return 0, 1
     if unit.expert is not None:
-        return _expert_tp_rank(layout), layout.etp
+        return _expert_tp(layout)[0], layout.etp
     return layout.tp_rank, layout.tp
 
 
-def _expert_tp_rank(layout: ParallelLayout) -> int:
+def _expert_tp(layout: ParallelLayout) -> tuple[int, dist.ProcessGroup | None]:
+    """This rank's expert-tensor-parallel rank and group (ParallelLayout/ProcessGroups lack
+    them; with etp == 1 they are trivial)."""
     if layout.etp == 1:
-        return 0
+        return 0, None
     from megatron.core import parallel_state as ps
 
-    return ps.get_expert_tensor_parallel_rank()
-
-
-def _expert_tp_group(layout: ParallelLayout) -> dist.ProcessGroup | None:
-    # ProcessGroups has no expert-TP group; with etp == 1 none is needed.
-    if layout.etp == 1:
-        return None
-    from megatron.core import parallel_state as ps
-
-    return ps.get_expert_tensor_parallel_group()
+    return ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_group()
 
 
 class _Checkpoint:
@@ -255,11 +248,10 @@ def _read_shard(ckpt: _Checkpoint, unit: _Unit, arch: MoEArchitecture, shard: in
     if unit.split == "glu":
         return torch.cat([rows(name) for name in unit.hf_names])
     assert unit.split == "qkv", unit.split
-    q_GlocalD, k_GlocalD, v_GlocalD = (rows(name) for name in unit.hf_names)
-    groups_local = arch.num_kv_heads // num_shards
-    per_group = [t.reshape(groups_local, -1, arch.hidden_size)
-                 for t in (q_GlocalD, k_GlocalD, v_GlocalD)]
-    return torch.cat(per_group, dim=1).reshape(-1, arch.hidden_size)
+    groups = arch.num_kv_heads // num_shards  # contiguous block of query groups of this shard
+    q_k_v = [rows(name).reshape(groups, -1, arch.hidden_size) for name in unit.hf_names]
+    qkv_GRH = torch.cat(q_k_v, dim=1)
+    return qkv_GRH.reshape(-1, arch.hidden_size)
 
 
 def _merge_shards(unit: _Unit, shards: list[torch.Tensor],
@@ -275,9 +267,9 @@ def _merge_shards(unit: _Unit, shards: list[torch.Tensor],
     assert unit.split == "qkv", unit.split
     heads_per_group = arch.num_heads // arch.num_kv_heads
     d = arch.head_dim
-    qkv_GxH = torch.cat(shards).reshape(arch.num_kv_heads, (heads_per_group + 2) * d,
+    qkv_GRH = torch.cat(shards).reshape(arch.num_kv_heads, (heads_per_group + 2) * d,
                                         arch.hidden_size)
-    q, k, v = qkv_GxH.split([heads_per_group * d, d, d], dim=1)
+    q, k, v = qkv_GRH.split([heads_per_group * d, d, d], dim=1)
     return [(name, t.reshape(-1, arch.hidden_size)) for name, t in zip(unit.hf_names, (q, k, v))]
 
 
@@ -341,7 +333,7 @@ def export_hf_weights(model: torch.nn.Module, arch: MoEArchitecture, layout: Par
         if any(getattr(p, "main_grad", None) is None for p in local.values()):
             raise ValueError("source='main_grad' needs the model wrapped in Megatron DDP")
         local = {key: p.main_grad for key, p in local.items()}
-    etp_group = _expert_tp_group(layout)
+    etp_group = _expert_tp(layout)[1]
     experts_per_rank = arch.num_experts // layout.ep
     for unit in _units(arch):
         if unit.expert is None:

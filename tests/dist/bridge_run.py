@@ -8,7 +8,8 @@ export, compare every exported tensor bit for bit with the files, and write the 
 fixed batch (``logp_<ckpt name>_<tp>_<ep>_<etp>.pt``). With the first checkpoint at the first
 layout: ``--also-ckpt``, other checkpoints of the same weights (e.g. sharded with an index),
 loaded and compared the same way; ``--broken``, checkpoints that must fail to load (the error text
-is recorded); ``--save-hf``, save_hf_checkpoint to ``<out>/saved_hf``.
+is recorded); ``--save-hf``, save_hf_checkpoint to ``<out>/saved_hf`` and, in small shards
+with an index, to ``<out>/saved_hf_sharded``.
 """
 
 import argparse
@@ -68,6 +69,9 @@ def extras(args, model, arch, layout, groups) -> dict:
     if args.save_hf:
         load_hf_weights(model, ckpt, arch, layout)
         save_hf_checkpoint(model, arch, layout, groups, out / "saved_hf", ckpt)
+        # Small shards: several files and model.safetensors.index.json.
+        save_hf_checkpoint(model, arch, layout, groups, out / "saved_hf_sharded", ckpt,
+                           max_shard_bytes=200_000)
     return res
 
 
