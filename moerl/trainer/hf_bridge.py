@@ -399,7 +399,7 @@ def save_hf_checkpoint(model: torch.nn.Module, arch: MoEArchitecture, layout: Pa
             files.append(out / f"model-part{len(files)}.safetensors")
             save_file(bucket, files[-1], metadata={"format": "pt"})
             bucket, bucket_bytes = {}, 0
-        bucket[name] = tensor.detach().clone().contiguous()
+        bucket[name] = tensor.detach().to("cpu", copy=True).contiguous()
         bucket_bytes += nbytes
         weight_map[name] = len(files)
     if is_writer:

@@ -96,7 +96,10 @@ class TrainerOptimizer:
         opt = self.megatron_optimizer
         found_inf = opt.prepare_grads()  # main_grad -> .grad (and fp16 unscale, if ever used)
         grad_norm = float(opt.get_grad_norm())
-        bad = torch.tensor([float(found_inf or not math.isfinite(grad_norm))])
+        # On the communication device of the world group (NCCL needs CUDA tensors).
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        bad = torch.tensor([float(found_inf or not math.isfinite(grad_norm))], device=device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.groups.world)
         if bad.item() > 0:
             return StepResult(ok=False, grad_norm=grad_norm, lr=0.0,
@@ -161,7 +164,8 @@ class TrainerOptimizer:
         """Write this rank's weights and optimizer state to ``path/rank_XXXXX.pt`` (collective)."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        weights = {name: p.detach().clone() for name, p in self.model.module.named_parameters()}
+        weights = {name: p.detach().to("cpu", copy=True)
+                   for name, p in self.model.module.named_parameters()}
         file = out / f"rank_{self.layout.rank:05d}.pt"
         torch.save({"model": weights, "optimizer": self.state_dict()}, file)
         dist.barrier(group=self.groups.world)
