@@ -141,7 +141,10 @@ def _validate_keep_mask(kept_ids_M: torch.Tensor, kept_offsets_N1: torch.Tensor,
     if num_dup_target:
         raise ValueError(f"{num_dup_target} keep-mask row(s) list the target token more than once")
     if check_unique and num_kept:
-        keys_M = torch.sort(row_M * vocab_size + ids_M).values
+        keys_M = row_M * vocab_size + ids_M
+        if num_rows * vocab_size < 2**31:
+            keys_M = keys_M.to(torch.int32)  # sorts about twice as fast as int64 on CPU
+        keys_M = torch.sort(keys_M).values
         dup_M = keys_M[1:] == keys_M[:-1]
         if bool(dup_M.any()):
             key = int(keys_M[1:][dup_M][0])
@@ -229,37 +232,41 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         # the small log(sum), not a logsumexp of magnitude |z|.
         sum_N = sums_2N[0]
         ctx.temperature = temperature
-        ctx.keep = keep
+        # What the backward needs of the mask: O(M) floats and indices, no id list.
+        ctx.masked = keep is not None
+        ctx.full_rows = keep is None or keep.full_rows_F is not None
         saved = [logits_NV, shift_N, sum_N, target_col_N, target_in_shard_N]
         if keep is not None:
-            saved += [kept_z_M, flat_M]
+            saved += [kept_z_M, flat_M, keep.row_M]
+            if keep.full_rows_F is not None:
+                saved.append(keep.full_rows_F)
         ctx.save_for_backward(*saved)
         return (sums_2N[1] - shift_N) - sum_N.log()
 
     @staticmethod
     def backward(ctx, grad_N):
         logits_NV, shift_N, sum_N, target_col_N, target_in_shard_N = ctx.saved_tensors[:5]
-        keep, temperature = ctx.keep, ctx.temperature
+        temperature = ctx.temperature
         num_rows, shard = logits_NV.shape
         scale_N = grad_N.float() / temperature
-        if keep is None or keep.full_rows_F is not None:
+        if ctx.full_rows:
             # -softmax(z) * scale = -exp(z - shift) * (scale / sum) on full rows; masked rows get
             # shift = +inf so exp gives exact 0 there, which keeps the gradient the only [N, V]
             # tensor of the backward.
             dense_shift_N = shift_N
-            if keep is not None:
+            if ctx.masked:
+                full_rows_F = ctx.saved_tensors[8]
                 dense_shift_N = torch.full_like(shift_N, float("inf"))
-                dense_shift_N[keep.full_rows_F] = shift_N[keep.full_rows_F]
+                dense_shift_N[full_rows_F] = shift_N[full_rows_F]
             grad_NV = _scaled_fp32(logits_NV, temperature)
             grad_NV.sub_(dense_shift_N.unsqueeze(1)).exp_().mul_((-scale_N / sum_N).unsqueeze(1))
         else:
             grad_NV = torch.zeros((num_rows, shard), dtype=torch.float32, device=logits_NV.device)
         flat_grad = grad_NV.view(-1)
-        if keep is not None:
-            kept_z_M, flat_M = ctx.saved_tensors[5:]
+        if ctx.masked:
+            kept_z_M, flat_M, row_M = ctx.saved_tensors[5:8]
             # -p_kept(j) * scale at the kept ids of this shard (other shards' ids add exp(-inf) = 0).
-            kept_grad_M = (kept_z_M - shift_N[keep.row_M]).exp_().mul_(
-                (-scale_N / sum_N)[keep.row_M])
+            kept_grad_M = (kept_z_M - shift_N[row_M]).exp_().mul_((-scale_N / sum_N)[row_M])
             flat_grad.scatter_add_(0, flat_M, kept_grad_M)
         rows_N = torch.arange(num_rows, device=logits_NV.device)
         flat_grad.index_add_(0, rows_N * shard + target_col_N,
