@@ -120,6 +120,20 @@ def test_rows_without_mask_are_the_full_vocabulary():
     torch.testing.assert_close(plain, expected, rtol=0, atol=2e-6)
 
 
+def test_non_contiguous_logits_take_the_same_values():
+    # A column slice (what a vocab shard of a wider tensor looks like) uses the 2-D gather path.
+    logits, targets, ids, offsets, _ = _case(6, 20, 30)
+    wide = torch.cat([logits, torch.randn(20, 5)], dim=1)[:, :30]
+    assert not wide.is_contiguous()
+    weights = torch.randn(20)
+    kw = dict(temperature=0.9, kept_ids_M=ids, kept_offsets_N1=offsets)
+    out, grad = _ours(logits, targets, weights, **kw)
+    leaf = wide.detach().requires_grad_()
+    strided = vocab_parallel_logprobs(leaf, targets, tp_group=None, **kw)
+    (strided * weights).sum().backward()
+    assert torch.equal(out, strided.detach()) and torch.equal(grad, leaf.grad)
+
+
 def test_bf16_logits_are_computed_in_fp32():
     logits, targets, ids, offsets, rows = _case(9, 24, 32)
     logits = logits.bfloat16()

@@ -23,7 +23,10 @@ and a sum of ``exp(z - shift)``; one MAX all-reduce of the shifts and one SUM al
 (partial sums, target logit) give the global logsumexp. Kept ids are gathered, never expanded into
 a ``[N, V]`` mask: the masked rows cost O(M) in the forward, and in the backward only the gradient
 tensor itself is ``[N, V]``. Full-vocabulary rows cost one fp32 ``[F, V]`` temporary in the forward
-(Megatron materialises ``exp(logits)`` the same way). The backward is analytic (no autograd through
+(Megatron materialises ``exp(logits)`` the same way); a batch that mixes masked and full rows runs
+the backward's softmax pass over all rows, which writes exact zeros on the masked ones, so the
+gradient stays the only ``[N, V]`` allocation. Saved for the backward: the logits, O(N) row
+statistics and O(M) gathered logits and indices. The backward is analytic (no autograd through
 the collectives), on the local shard only:
 
     d logp / d z_j = 1[j == y] - p_kept(j) * 1[j in kept],   d z / d logits = 1 / temperature.
@@ -38,8 +41,9 @@ Conventions the paper leaves open:
 - ``temperature`` must be > 0: greedy rollouts are not trained on.
 
 Host synchronisation: validation reads a few scalars back (offsets monotone and ending at M, ids
-and targets in range, targets kept; one ``nonzero`` to find full rows when a batch mixes masked
-and unmasked rows): a handful of syncs per call, none per element. All checks look only at
+and targets in range, targets kept, the uniqueness verdict; one ``nonzero`` to find full rows when
+a batch mixes masked and unmasked rows): at most six syncs per call, none per element; the
+collectives themselves need none. All checks look only at
 ``targets`` and the CSR, which are identical on every TP rank, so every rank raises together
 before any collective is entered (a check on one rank only would hang the others).
 """
@@ -126,9 +130,10 @@ def _validate_keep_mask(kept_ids_M: torch.Tensor, kept_offsets_N1: torch.Tensor,
     hits_N = torch.zeros(num_rows, dtype=torch.int64, device=ids_M.device)
     hits_N.index_add_(0, row_M, (ids_M == targets_N[row_M]).to(torch.int64))
     masked_N = lengths_N > 0
-    ids_lo, ids_hi = (ids_M.aminmax() if num_kept else (torch.zeros((), dtype=torch.int64),) * 2)
-    stats = torch.stack([ids_lo.cpu(), ids_hi.cpu(), (masked_N & (hits_N == 0)).sum().cpu(),
-                         (hits_N > 1).sum().cpu(), masked_N.sum().cpu()]).tolist()
+    ids_lo, ids_hi = (ids_M.aminmax() if num_kept else
+                      (torch.zeros((), dtype=torch.int64, device=ids_M.device),) * 2)
+    stats = torch.stack([ids_lo, ids_hi, (masked_N & (hits_N == 0)).sum(), (hits_N > 1).sum(),
+                         masked_N.sum()]).tolist()  # one host sync for all five checks
     ids_lo, ids_hi, num_not_kept, num_dup_target, num_masked = stats
     if num_kept and (ids_lo < 0 or ids_hi >= vocab_size):
         raise ValueError(f"keep-mask ids must lie in [0, {vocab_size}), got range "
