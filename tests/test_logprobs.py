@@ -19,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import moerl.trainer.logprobs as logprobs_module
 from moerl.trainer.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +158,10 @@ def test_no_grad_and_frozen_logits():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
-def test_entropy_value_and_gradient(temperature):
+@pytest.mark.parametrize("chunk_elements", [None, 200])  # one chunk; 3 rows a chunk, ragged end
+def test_entropy_value_and_gradient(temperature, chunk_elements, monkeypatch):
+    if chunk_elements is not None:
+        monkeypatch.setattr(logprobs_module, "_CHUNK_ELEMENTS", chunk_elements)
     logits, _, _, _, _ = _case(4, 20, 64)
     weights = torch.randn(20)
     leaf = logits.clone().requires_grad_()

@@ -84,7 +84,8 @@ def _check_inputs(logits_NV: torch.Tensor, temperature: float) -> None:
         raise ValueError(f"temperature must be > 0 (greedy rollouts are not trained on), "
                          f"got {temperature}")
     if logits_NV.dim() != 2:
-        raise ValueError(f"logits must be [tokens, vocab shard], got shape {tuple(logits_NV.shape)}")
+        raise ValueError(f"logits must be [tokens, vocab shard], got shape "
+                         f"{tuple(logits_NV.shape)}")
     if not logits_NV.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits_NV.dtype}")
 
@@ -270,7 +271,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         flat_grad = grad_NV.view(-1)
         if ctx.masked:
             kept_z_M, flat_M, row_M = ctx.saved_tensors[5:8]
-            # -p_kept(j) * scale at the kept ids of this shard (other shards' ids add exp(-inf) = 0).
+            # -p_kept(j) * scale at the kept ids of this shard; other shards' ids add exp(-inf) = 0.
             kept_grad_M = (kept_z_M - shift_N[row_M]).exp_().mul_((-scale_N / sum_N)[row_M])
             flat_grad.scatter_add_(0, flat_M, kept_grad_M)
         rows_N = torch.arange(num_rows, device=logits_NV.device)
@@ -313,8 +314,20 @@ def vocab_parallel_logprobs(logits_NV: torch.Tensor, targets_N: torch.Tensor, *,
                                         tp_group)
 
 
+# Rows per chunk for the entropy's second temporary: 4M fp32 elements (16 MiB) keeps it small next
+# to the [N, V] copy, and on CPU under glibc's mmap threshold, so the buffer is reused, not faulted.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(x_NV: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return x_NV.split(max(1, _CHUNK_ELEMENTS // max(1, x_NV.shape[1])))
+
+
 class _VocabParallelEntropy(torch.autograd.Function):
-    """``H = logsumexp(z) - sum softmax(z) * z`` per row over the full (sharded) vocabulary."""
+    """``H = logsumexp(z) - sum softmax(z) * z`` per row over the full (sharded) vocabulary.
+
+    One fp32 ``[N, V]`` copy of the logits per pass; ``exp`` is taken chunk by chunk of rows so it
+    never needs a second ``[N, V]`` tensor."""
 
     @staticmethod
     def forward(ctx, logits_NV, temperature, tp_group):
@@ -322,12 +335,16 @@ class _VocabParallelEntropy(torch.autograd.Function):
         shift_N = z_NV.amax(dim=1)
         _all_reduce(shift_N, dist.ReduceOp.MAX, tp_group)
         z_NV.sub_(shift_N.unsqueeze(1))
-        exp_NV = z_NV.exp()
-        # sums_2N[0] = sum exp(z - shift), sums_2N[1] = sum exp(z - shift) * (z - shift); the
-        # batched dot avoids a third [N, V] temporary. Entropy is shift-invariant.
-        sums_2N = torch.stack([exp_NV.sum(dim=1),
-                               torch.bmm(exp_NV.unsqueeze(1), z_NV.unsqueeze(2)).view(-1)])
-        del z_NV, exp_NV
+        # sums_2N[0] = sum exp(z - shift), sums_2N[1] = sum exp(z - shift) * (z - shift); entropy
+        # is shift-invariant. One all-reduce for both.
+        sums_2N = torch.empty(2, z_NV.shape[0], dtype=torch.float32, device=z_NV.device)
+        row = 0
+        for z_CV in _row_chunks(z_NV):
+            exp_CV = z_CV.exp()
+            sums_2N[0, row:row + len(z_CV)] = exp_CV.sum(dim=1)
+            sums_2N[1, row:row + len(z_CV)] = exp_CV.mul_(z_CV).sum(dim=1)
+            row += len(z_CV)
+        del z_NV
         _all_reduce(sums_2N, dist.ReduceOp.SUM, tp_group)
         entropy_N = sums_2N[0].log() - sums_2N[1] / sums_2N[0]
         ctx.temperature = temperature
@@ -339,11 +356,15 @@ class _VocabParallelEntropy(torch.autograd.Function):
         logits_NV, shift_N, sum_N, entropy_N = ctx.saved_tensors
         # dH/dz_j = -p_j (log p_j + H) with p_j = exp(z_j - shift) / sum and
         # log p_j = (z_j - shift) - log(sum) (see the log-prob forward for why shift stays apart).
-        z_NV = _scaled_fp32(logits_NV, ctx.temperature).sub_(shift_N.unsqueeze(1))
-        exp_NV = z_NV.exp()
-        scale_N = grad_N.float() / ctx.temperature
-        grad_NV = z_NV.add_((entropy_N - sum_N.log()).unsqueeze(1)).mul_(exp_NV)
-        grad_NV.mul_((-scale_N / sum_N).unsqueeze(1))
+        grad_NV = _scaled_fp32(logits_NV, ctx.temperature).sub_(shift_N.unsqueeze(1))
+        offset_N1 = (entropy_N - sum_N.log()).unsqueeze(1)
+        factor_N1 = (-(grad_N.float() / ctx.temperature) / sum_N).unsqueeze(1)
+        row = 0
+        for z_CV in _row_chunks(grad_NV):
+            rows = slice(row, row + len(z_CV))
+            exp_CV = z_CV.exp()
+            z_CV.add_(offset_N1[rows]).mul_(exp_CV).mul_(factor_N1[rows])
+            row += len(z_CV)
         return grad_NV.to(logits_NV.dtype), None, None
 
 
