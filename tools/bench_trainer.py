@@ -11,7 +11,8 @@
     ``r3_same_routes`` replays the model's own natural routes (identical expert load, so the ratio
     is replay's own cost), ``r3_random_routes`` replays uniformly random routes (what a mismatched
     rollout engine looks like; the load per expert changes, not only the mechanism). Goal:
-    ``r3_same_routes / natural <= 1.02``.
+    ``r3_same_routes / natural <= 1.02``. Reported for wall time and for this process's CPU time
+    (robust to other processes on a shared CPU machine; on GPU, wall time is the measure).
 (b) ``logprobs``: ``vocab_parallel_logprobs`` with the keep mask (k kept ids per token) vs the
     full vocabulary, forward + backward, for V = 32768 by default: time ratio (goal <= 1.10) and
     peak memory of the forward and of forward + backward beyond the inputs. Memory is measured by
@@ -72,24 +73,30 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn) -> float:
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of one call."""
     _sync()
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     _sync()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def interleaved(variants: dict, rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each variant, alternating (order reversed every other round)."""
+def interleaved(variants: dict, rounds: int) -> tuple[dict, dict]:
+    """Wall and process-CPU seconds per call of each variant, alternating (order reversed every
+    other round). On a shared CPU machine the process CPU time is the load-robust measure: other
+    processes' time slices do not count in it."""
     names = list(variants)
-    times = {name: [] for name in names}
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
     for fn in variants.values():  # warm-up
         fn()
     for r in range(rounds):
         for name in names if r % 2 == 0 else reversed(names):
-            times[name].append(_timed(variants[name]))
-    return times
+            w, c = _timed(variants[name])
+            wall[name].append(w)
+            cpu[name].append(c)
+    return wall, cpu
 
 
 # ----------------------------------------------------------------------------- (a) replay
@@ -154,12 +161,13 @@ def bench_replay(args, layout, groups) -> dict:
         "r3_random_routes": replay_step(routes_to_megatron(rand, seq_len=s, arch=arch,
                                                            layout=layout, device=device)),
     }
-    times = interleaved(variants, args.rounds)
+    wall, cpu = interleaved(variants, args.rounds)
     return {
         "model": {"hidden": args.hidden, "layers": args.layers, "experts": args.experts,
                   "topk": args.topk, "expert_ffn": args.expert_ffn, "vocab": args.model_vocab,
                   "batch": b, "seq": s, "recompute": args.recompute, "bf16": args.bf16},
-        **summarize(times, baseline="natural"),
+        "wall": summarize(wall, baseline="natural"),
+        "process_cpu": summarize(cpu, baseline="natural"),
     }
 
 
@@ -289,7 +297,7 @@ def bench_logprobs(args, tp_group) -> dict:
     for k in args.kept:
         kept_sets[k] = masks(k)
         variants[f"kept_{k}"] = run(kept_sets[k], True)
-    times = interleaved(variants, args.rounds)
+    times, _ = interleaved(variants, args.rounds)
     med = {name: statistics.median(t) for name, t in times.items()}
     timing = summarize(times, baseline="full")
     rows = []

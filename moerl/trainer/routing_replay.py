@@ -36,7 +36,11 @@ dispatcher's routing map cannot represent (a token's row must name K distinct ex
 Natural top-k under replay (for the "routing agreement" telemetry in r3 arms): the
 ``RouterReplay`` instances are switched, by class swap, to :class:`_MoerlRouterReplay`, which under
 ``REPLAY_FORWARD`` also runs upstream's own top-k on the same scores (one extra ``topk`` over
-``[N, E]`` per layer, no grad) and keeps the indices. It relies on the structure of upstream's
+``[N, E]`` per layer, no grad) and keeps the indices. These are the router's choices on the
+replayed pass's own hidden states: the first MoE layer sees exactly what a natural pass sees,
+later layers see the history the replayed routes produced (per-layer agreement given the same
+input, which is what replay controls; a fully natural pass would cost a second forward). It
+relies on the structure of upstream's
 ``get_replay_topk``; ``tests/test_routing_replay.py`` fails if that structure changes.
 
 Activation recompute: a checkpointed layer runs its router twice, once in the forward (autograd
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -203,12 +208,15 @@ def routing_agreement(routes_a_BTLK: torch.Tensor, routes_b_BTLK: torch.Tensor,
 
 
 def _router_replay_classes():
+    # Imported on use: megatron takes seconds to import, and the pure helpers above (packing,
+    # agreement) serve the batch and telemetry code where no model exists.
     from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
     return RouterReplay, RouterReplayAction
 
 
-def _make_moerl_router_replay():
+@functools.cache
+def _moerl_router_replay_class():
     RouterReplay, Action = _router_replay_classes()
 
     class _MoerlRouterReplay(RouterReplay):
@@ -259,16 +267,6 @@ def _check_fits(target: torch.Tensor | None, scores: torch.Tensor, topk: int) ->
             f"replayed routes are {tuple(target.shape)} but the router scores {scores.shape[0]} "
             f"tokens with top-{topk}: the routes were sliced for another batch size, seq_len or "
             "tensor-parallel rank")
-
-
-_MOERL_ROUTER_REPLAY = None
-
-
-def _moerl_router_replay_class():
-    global _MOERL_ROUTER_REPLAY
-    if _MOERL_ROUTER_REPLAY is None:
-        _MOERL_ROUTER_REPLAY = _make_moerl_router_replay()
-    return _MOERL_ROUTER_REPLAY
 
 
 @dataclass
