@@ -171,3 +171,44 @@ def test_saved_checkpoint_loads_in_transformers_unchanged(bridge, saved):
     ref, got = original.state_dict(), saved.state_dict()
     assert ref.keys() == got.keys()
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@pytest.mark.parametrize("megatron_name, unit", [
+    # Transformer Engine fuses the pre-attention / dense pre-MLP norms into the next linear.
+    ("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight",
+     "decoder.layers.3.input_layernorm.weight"),
+    ("decoder.layers.0.mlp.linear_fc1.layer_norm_weight",
+     "decoder.layers.0.pre_mlp_layernorm.weight"),
+    # Local expert j on EP rank 1 of 2 (4 experts per rank) is global expert 4 + j, in both the
+    # local-spec and the grouped-GEMM spelling.
+    ("decoder.layers.2.mlp.experts.local_experts.3.linear_fc2.weight",
+     "decoder.layers.2.mlp.experts.7.linear_fc2.weight"),
+    ("decoder.layers.2.mlp.experts.linear_fc1.weight3",
+     "decoder.layers.2.mlp.experts.7.linear_fc1.weight"),
+    ("decoder.layers.2.mlp.router.weight", "decoder.layers.2.mlp.router.weight"),
+])
+def test_megatron_spellings_map_to_one_unit(megatron_name, unit):
+    from moerl.trainer.hf_bridge import _canonical_key
+
+    assert _canonical_key(megatron_name, experts_per_rank=4, ep_rank=1) == unit
+
+
+def test_hf_tensor_shapes_lists_every_tensor_once_in_layer_order():
+    from moerl.tiny_model import TINY_QWEN3_MOE
+    from moerl.trainer.hf_bridge import hf_tensor_shapes
+    from moerl.trainer.model import architecture_from_hf
+
+    arch = architecture_from_hf({**TINY_QWEN3_MOE, "model_type": "qwen3_moe"})
+    shapes = hf_tensor_shapes(arch)
+    names = list(shapes)
+    assert names[0] == "model.embed_tokens.weight" and names[-1] == "lm_head.weight"
+    # 1 embedding + norm + head; per layer 2 norms, q/k/v/o, 2 QK-norms; dense: 3; MoE: router
+    # + 3 per expert.
+    assert len(names) == 3 + 3 * 8 + 3 + 2 * (1 + 3 * 8)
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (64, 64)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (32, 64)
+    assert shapes["model.layers.0.mlp.down_proj.weight"] == (64, 128)
+    assert shapes["model.layers.1.mlp.experts.7.down_proj.weight"] == (64, 32)
+    assert shapes["model.layers.2.mlp.gate.weight"] == (8, 64)
+    layer_of = [int(n.split(".")[2]) for n in names if n.startswith("model.layers.")]
+    assert layer_of == sorted(layer_of)

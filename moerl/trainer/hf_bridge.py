@@ -57,7 +57,7 @@ _MAX_LISTED = 12  # names listed per category in an error message
 class _Unit:
     """One logical Megatron parameter and the HF tensors (name, full shape) it is made of."""
 
-    key: str  # canonical Megatron name; experts by global id: "...mlp.experts.{e}.linear_fc1.weight"
+    key: str  # canonical Megatron name; experts by global id: "...experts.{e}.linear_fc1.weight"
     hf: tuple[tuple[str, tuple[int, ...]], ...]
     split: str  # "none" | "rows" | "cols" | "qkv" | "glu"
     expert: int | None = None  # global expert id
@@ -134,7 +134,8 @@ _TE_FUSED_NORMS = (
 )
 _LOCAL_EXPERT = re.compile(
     r"^(decoder\.layers\.\d+\.mlp\.experts)\.local_experts\.(\d+)\.(linear_fc[12])\.weight$")
-_GROUPED_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.(linear_fc[12])\.weight(\d+)$")
+_GROUPED_EXPERT = re.compile(
+    r"^(decoder\.layers\.\d+\.mlp\.experts)\.(linear_fc[12])\.weight(\d+)$")
 
 
 def _canonical_key(name: str, *, experts_per_rank: int, ep_rank: int) -> str:

@@ -132,7 +132,8 @@ class TrainerOptimizer:
             inner = part.optimizer
             parts.append(None if inner is None else {
                 "inner": inner.state_dict(),
-                "main_params": [p.detach().clone() for g in inner.param_groups for p in g["params"]],
+                "main_params": [p.detach().clone()
+                                for g in inner.param_groups for p in g["params"]],
             })
         return {"parts": parts, "scheduler": self.scheduler.state_dict(),
                 "num_updates": self.num_updates}
@@ -161,7 +162,7 @@ class TrainerOptimizer:
         self.num_updates = int(state["num_updates"])
 
     def save(self, path: str | Path) -> Path:
-        """Write this rank's weights and optimizer state to ``path/rank_XXXXX.pt`` (collective)."""
+        """Write this rank's weights and optimizer state to ``path/rank_<rank>.pt`` (collective)."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         weights = {name: p.detach().to("cpu", copy=True)
