@@ -162,7 +162,8 @@ class Engine:
         self._commands: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="moerl-engine", daemon=True)
-        self.steps = 0
+        self.steps = 0  # decode steps taken
+        self.num_finished = 0  # requests answered (finished or aborted)
 
     # ---------------------------------------------------------------- setup
 
@@ -483,6 +484,7 @@ class Engine:
     # ---------------------------------------------------------------- results
 
     def _finish(self, req: GenerationRequest, reason: dict) -> None:
+        self.num_finished += 1
         try:
             req.done(self._build_output(req, reason))
         except Exception:  # a broken callback must not take the engine down

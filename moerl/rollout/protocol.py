@@ -552,6 +552,14 @@ def decode_generate_output(out: Any, *, prompt_len: int, layout: MoeLayout | Non
     version = meta.get("weight_version")
     version = "" if version is None else str(version)
     spans = meta.get("weight_versions") or []
+    if finish == "abort":
+        # SGLang's abort path (``_handle_abort_req``) sends no routes or masks: nothing to decode,
+        # the caller regenerates the sample.
+        empty = torch.zeros(0)
+        return DecodedOutput(response_ids=response_ids, full_logprobs_R=empty,
+                             sampling_logprobs_R=None, finish_reason=finish, finish_detail=detail,
+                             weight_version=version, weight_versions=list(spans), routes_TLK=None,
+                             mask_ids_M=None, mask_offsets_R1=None)
     if want_logprobs:
         full_R = _output_logprobs(meta, response_ids)
     else:

@@ -27,7 +27,7 @@ Every client error is a 4xx JSON ``{"error": {"message": ..., "type": ..., "code
 ``has_audio_understanding``, ``model_type``, ``architectures``) plus ``moerl``: ``{"server":
 "moerl-builtin", "version", "sglang_api", "layout": MoeLayout.to_json(), "context_length",
 "eos_token_ids", "dtype", "max_batch_size", "sampling_mask_max_tokens", "compact_encodings",
-"paused", "running", "waiting"}``.
+"paused", "running", "waiting", "num_finished", "decode_steps"}``.
 
 :func:`launch_server` starts it as a subprocess (free port picked by the OS), waits until
 ``/health`` answers and returns a :class:`ServerHandle`.
@@ -206,6 +206,7 @@ class RolloutServer:
                 "compact_encodings": {"routes": list(COMPACT_ROUTES_ENCODINGS),
                                       "mask": [COMPACT_MASK_ENCODING]},
                 "paused": e.paused, "running": running, "waiting": waiting,
+                "num_finished": e.num_finished, "decode_steps": e.steps,
             },
         })
 
@@ -448,7 +449,7 @@ async def _serve(args: argparse.Namespace) -> None:
     server = RolloutServer(engine, api_key=args.api_key,
                            max_request_bytes=int(args.max_request_mb * (1 << 20)),
                            weight_sync_timeout_s=args.weight_sync_timeout_s)
-    runner = web.AppRunner(server.app(), access_log=None)
+    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
@@ -464,8 +465,10 @@ async def _serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    logger.info("shutting down")
     await runner.cleanup()
     engine.stop()
+    logger.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -480,6 +483,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     asyncio.run(_serve(args))
+    # HTTP and the engine are shut down; skip the interpreter's slow teardown of torch/transformers.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------------------- launcher
@@ -568,6 +575,51 @@ def launch_server(model: str | Path, *, host: str = "127.0.0.1", port: int = 0,
     handle.kill()
     raise TimeoutError(f"rollout server not healthy after {startup_timeout_s}s:\n"
                        f"{handle.log_tail()}")
+
+
+class BackgroundServer:
+    """The server inside the current process (engine and HTTP on background threads), on
+    loopback: for notebooks, benchmarks and tests that need a second configuration without
+    paying another interpreter start. Same code path as the CLI; ``.url``, ``.api_key``,
+    ``.engine``, ``.stop()``."""
+
+    def __init__(self, model: str | Path, *, api_key: str | None = None, host: str = "127.0.0.1",
+                 max_request_mb: float = 16.0, weight_sync_timeout_s: float = 600.0,
+                 **engine_kwargs: Any):
+        import threading
+
+        self.api_key = api_key
+        self.host = host
+        self.engine = Engine(model, **engine_kwargs)
+        self.engine.start()
+        self._server = RolloutServer(self.engine, api_key=api_key,
+                                     max_request_bytes=int(max_request_mb * (1 << 20)),
+                                     weight_sync_timeout_s=weight_sync_timeout_s)
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="moerl-http", daemon=True)
+        self._thread.start()
+        if not self._started.wait(60):
+            raise TimeoutError("background rollout server did not start")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._runner = web.AppRunner(self._server.app(), access_log=None, shutdown_timeout=2.0)
+        self._loop.run_until_complete(self._runner.setup())
+        self._loop.run_until_complete(web.TCPSite(self._runner, self.host, 0).start())
+        self.port = self._runner.addresses[0][1]
+        self._started.set()
+        self._loop.run_forever()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+        self.engine.stop()
 
 
 if __name__ == "__main__":

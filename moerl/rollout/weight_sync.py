@@ -274,9 +274,11 @@ class DistributedWeightSync:
                 raise ValueError("no tensors to push")
             self._send_bucket(previous, flattened=flattened, weight_version=weight_version)
         finally:
-            if not self.broken:
+            # Close the servers' sessions even after a failed bucket, so a new group can push.
+            try:
                 self._on_all("end_weight_update")
-            self._on_all("continue_generation")
+            finally:
+                self._on_all("continue_generation")
         return {"num_tensors": num_tensors, "num_bytes": num_bytes, "num_buckets": num_buckets,
                 "seconds": time.monotonic() - start}
 
