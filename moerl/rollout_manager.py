@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from moerl.batch import Sample
-from moerl.rollout.client import RetryPolicy, RolloutClient, run_sync
+from moerl.rollout.client import RetryPolicy, RolloutClient, RolloutError, run_sync
 from moerl.rollout.protocol import MoeLayout
 from moerl.rollout.server import ServerHandle, launch_server
-from moerl.rollout.weight_sync import DistributedWeightSync, save_hf_safetensors
-from moerl.rollout.weight_sync import update_weights_from_disk
+from moerl.rollout.weight_sync import DistributedWeightSync, WeightSyncError
+from moerl.rollout.weight_sync import save_hf_safetensors, update_weights_from_disk
 
 log = logging.getLogger("moerl.rollout")
 
@@ -80,10 +80,22 @@ class RolloutManager:
         self.client = RolloutClient(self.url, api_key=self.api_key, concurrency=self.concurrency,
                                     timeout_s=self.timeout_s, retry=self.retry,
                                     layout=self.layout)
-        served = run_sync(self.client.weight_version())
-        if not self.builtin and served != version:
-            log.warning("external server reports weight version %r; pushing %r weights", served,
-                        version)
+        self._probe()
+
+    def _probe(self) -> None:
+        """One short request, so that a server that cannot return what the run needs (routes
+        for keep-routing / telemetry, sampling masks for keep-sampling-mask) fails the run now,
+        before any training work, with the fix in the message."""
+        sample = run_sync(self.client.generate(
+            [[0, 1]], n=1, sampling_params={**self.sampling.params(), "max_new_tokens": 1},
+            return_routes=self.return_routes, return_sampling_mask=self.return_mask))[0]
+        if self.return_routes and sample.routes_TLK is None:
+            raise RuntimeError("the rollout server returned no expert routes: start SGLang with "
+                               "--enable-return-routed-experts (launch/sglang_server.sh does)")
+        if self.return_mask and sample.mask_offsets_R1 is None:
+            raise RuntimeError("the rollout server returned no sampling mask: start SGLang with "
+                               "sampling-mask return on (launch/sglang_server.sh "
+                               "--keep-sampling-mask) and a finite top_k")
 
     def _launch(self, weights_dir: str | Path, *, port: int) -> None:
         self.server = launch_server(
@@ -92,6 +104,8 @@ class RolloutManager:
             extra_args=("--weight-version", self.version), num_threads=1,
             log_path=self.weights_dir.parent / "rollout_server.log")
         self.api_key, self.url = self.server.api_key, self.server.url
+        if self.client is not None:
+            self.client.base_url = self.url
 
     def close(self) -> None:
         if self._sync is not None:
@@ -143,33 +157,44 @@ class RolloutManager:
     # ------------------------------------------------------------------ weights
 
     def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
-                     version: str) -> dict:
+                     version: str) -> None:
         """Send the trainer's weights (HF names) and make ``version`` current on the server.
 
-        For the builtin server the tensors are also written to ``weights_dir`` first: that copy
-        is what a restarted server loads.
+        For the builtin server the tensors are written to ``weights_dir`` first: that copy is
+        what a restarted server loads, so a server that dies during the push is simply
+        restarted with the new weights.
         """
-        if self.builtin or self.sync_method == "disk":
-            tensors = [(name, t.detach().cpu().clone()) for name, t in named_tensors]
-            save_hf_safetensors(tensors, self.weights_dir, config_dir=self.hf_config_dir)
-            named_tensors = tensors
         if self.sync_method == "disk":
-            stats = update_weights_from_disk([self.client], str(self.weights_dir),
-                                             weight_version=version)
+            update_weights_from_disk([self.client], named_tensors, out_dir=self.weights_dir,
+                                     weight_version=version, config_dir=self.hf_config_dir)
         else:
-            if self._sync is None or self._sync.broken:
-                if self._sync is not None:
-                    self._sync.close()
-                self._sync = DistributedWeightSync([self.client])
-                self._sync.init()
-            stats = self._sync.push(named_tensors, weight_version=version,
-                                    bucket_bytes=self.bucket_bytes)
+            if self.builtin:
+                named_tensors = [(name, t.detach().cpu().clone()) for name, t in named_tensors]
+                save_hf_safetensors(named_tensors, self.weights_dir,
+                                    config_dir=self.hf_config_dir)
+            try:
+                self._push_distributed(named_tensors, version)
+            except (RolloutError, WeightSyncError, OSError):
+                if not (self.builtin and self.server.process.poll() is not None):
+                    raise
+                self.restarts += 1
+                log.warning("rollout server died during the weight push; restarting it with "
+                            "the new weights %s (restart #%d)", version, self.restarts)
+                self.version = version
+                self._restart()
         served = run_sync(self.client.weight_version())
         if served != version:
             raise RuntimeError(f"after the weight push the server reports version {served!r}, "
                                f"expected {version!r}")
         self.version = version
-        return stats
+
+    def _push_distributed(self, named_tensors, version: str) -> None:
+        if self._sync is None or self._sync.broken:
+            if self._sync is not None:
+                self._sync.close()
+            self._sync = DistributedWeightSync([self.client])
+            self._sync.init()
+        self._sync.push(named_tensors, weight_version=version, bucket_bytes=self.bucket_bytes)
 
 
 def hash_seed(seed: int, step: int) -> int:

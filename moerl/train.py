@@ -73,6 +73,8 @@ def train(run: Run, start_step: int) -> None:
     cfg = run.config
     for step in range(start_step, cfg.training.steps):
         timer = StageTimer()
+        with timer("eval"):
+            eval_metrics = eval_stage(run, step)  # the policy every step starts from
         with timer("rollout"):
             batch, rollout_metrics = rollout_stage(run, step)
         with timer("reference"):
@@ -86,13 +88,14 @@ def train(run: Run, start_step: int) -> None:
             update_metrics = update_stage(run, batch, step)
         with timer("weight_sync"):
             sync_stage(run, step + 1)
-        with timer("eval"):
-            eval_metrics = eval_stage(run, step + 1)
         metrics = {**rollout_metrics, **old_metrics, **update_metrics, **eval_metrics,
                    **timer.metrics()}
         run.telemetry.log(step, metrics)
         if run.checkpoints.due(step + 1):
             run.checkpoints.save(step + 1, run)
+    if cfg.training.steps > start_step and cfg.training.eval_every:
+        # The final policy's accuracy, as the record of step `steps` (no update in it).
+        run.telemetry.log(cfg.training.steps, eval_stage(run, cfg.training.steps, force=True))
 
 
 # ============================================================================ stages
@@ -279,9 +282,10 @@ def sync_stage(run: Run, version_step: int) -> None:
             pass
 
 
-def eval_stage(run: Run, step: int) -> dict:
+def eval_stage(run: Run, step: int, *, force: bool = False) -> dict:
+    """Greedy accuracy of the current policy on the task's fixed evaluation set."""
     every = run.config.training.eval_every
-    if not every or step % every:
+    if not force and (not every or step % every):
         return {}
     accuracy = 0.0
     if run.is_driver:
@@ -417,6 +421,17 @@ def setup(cfg: Config) -> tuple[Run, int]:
     return run, start_step
 
 
+def _quiet_megatron(level: str) -> None:
+    """Megatron logs its full configs at INFO and warns about CPU-only facts moerl expects
+    (no Apex/TE, SP disabled for the experts' TP of 1): keep them out of the console."""
+    if level != "debug":
+        logging.getLogger("megatron").setLevel(logging.WARNING)
+    for pattern in (r".*Apex is not installed", r".*Transformer Engine and Apex are not installed",
+                    r".*full scope is deprecated", r".*tensor model parallel size is 1",
+                    r".*CUDA_DEVICE_MAX_CONNECTIONS"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moerl.train", description=__doc__.split("\n\n")[0])
     add_cli_arguments(parser)
@@ -431,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=cfg.logging.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine and Apex) .*installed")
+    _quiet_megatron(cfg.logging.log_level)
     from moerl.trainer.parallel import destroy_parallel
 
     run = None
@@ -443,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             train_dpo(run, start_step)
         else:
             train(run, start_step)
+        run.actor.save_hf(Path(cfg.training.out_dir) / "hf")  # the trained policy, HF format
     except ConfigError as err:
         print(f"moerl: {err}", file=sys.stderr)
         return 2
