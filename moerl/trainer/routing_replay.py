@@ -344,15 +344,21 @@ class RoutingReplay:
 
         With ``capture_natural`` the handle's ``natural_routes_BTLK`` holds the routes the
         trainer would have chosen. Call ``switch_to_backward()`` on the handle before
-        ``backward()``.
+        ``backward()``. Routes on another device than the model's are moved once here, all layers
+        in one copy (Megatron would otherwise copy on every router call, each a host sync).
         """
         _, Action = _router_replay_classes()
         if len(routes.per_layer) != len(self._routers):
             raise ValueError(f"routes cover {len(routes.per_layer)} MoE layers, the model has "
                              f"{len(self._routers)}")
+        per_layer = routes.per_layer
+        device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                  else torch.device("cpu"))
+        if per_layer and per_layer[0].device != device:
+            per_layer = torch.stack(per_layer).to(device).unbind(0)
         handle = ReplayPass(self, routes)
         with self._session():
-            for router, idx in zip(self._routers, routes.per_layer):
+            for router, idx in zip(self._routers, per_layer):
                 router.set_target_indices(idx)
                 router.moerl_capture_natural = capture_natural
                 router.set_router_replay_action(Action.REPLAY_FORWARD)
