@@ -147,20 +147,26 @@ def test_csr_offsets_inconsistent(ids, offsets, match):
 
 
 def test_compact_mask_roundtrip_matches_list_form():
-    rows = [np.array([40, 3, 17]), np.array([0]), np.arange(64), np.array([63, 62])]
-    sampled = [17, 0, 5, 63]
+    rows = [np.array([40, 3, 17]), np.array([0]), np.arange(64), np.array([63, 62]),
+            np.setdiff1d(np.arange(64), [5, 9, 60])]  # 61 of 64: sent as the 3 excluded ids
+    sampled = [17, 0, 5, 63, 4]
     payload = P.encode_mask_compact(rows, vocab_size=64)
     ids, offsets = P.decode_mask_compact(payload, sampled_ids=sampled, vocab_size=64)
     ref_ids, ref_offsets = P.mask_rows_to_csr([r.tolist() for r in rows], sampled_ids=sampled,
                                               vocab_size=64)
-    assert offsets.tolist() == ref_offsets.tolist() == [0, 3, 4, 4, 6]
-    for r in range(4):  # same sets; the compact form lists each row ascending
+    assert offsets.tolist() == ref_offsets.tolist() == [0, 3, 4, 4, 6, 67]
+    for r in range(5):  # same sets; the compact form lists each row ascending
         a, b = ids[offsets[r]:offsets[r + 1]], ref_ids[ref_offsets[r]:ref_offsets[r + 1]]
         assert sorted(a.tolist()) == sorted(b.tolist()) == a.tolist()
+    # Header 2n + 1 (excluded ids), then 3 gaps: 5, 9 - 5 - 1 = 3, 60 - 9 - 1 = 50.
+    last = P._varint_decode(__import__("base64").b64decode(payload["b64"]))[-4:]
+    assert last.tolist() == [7, 5, 3, 50]
     with pytest.raises(P.WireFormatError, match="sampled token 9"):
-        P.decode_mask_compact(payload, sampled_ids=[17, 0, 5, 9], vocab_size=64)
+        P.decode_mask_compact(payload, sampled_ids=[17, 0, 5, 9, 4], vocab_size=64)
+    with pytest.raises(P.WireFormatError, match="sampled token 60"):
+        P.decode_mask_compact(payload, sampled_ids=[17, 0, 5, 63, 60], vocab_size=64)
     with pytest.raises(P.WireFormatError, match="trailing"):
-        P.decode_mask_compact(payload, sampled_ids=[17, 0, 5], vocab_size=64)
+        P.decode_mask_compact(payload, sampled_ids=[17, 0, 5, 63], vocab_size=64)
 
 
 def test_varint_handles_large_values():

@@ -370,3 +370,22 @@ def test_pause_abort_mid_batch_is_retried_by_the_client(server):
         (g, j) for g in range(4) for j in range(2)]
     assert all(len(s.response_ids) == 300 and s.finish_reason == "length" for s in samples)
     assert run_sync(client.flush_cache())
+
+
+@pytest.mark.sglang
+def test_live_responses_pass_sglangs_response_contract(server):
+    pytest.importorskip("sglang")
+    api = pytest.importorskip("sglang.api.v1.api_types")
+    for body in ({"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 5, "top_k": 5},
+                  "return_logprob": True, "return_routed_experts": True,
+                  "return_sampling_mask": True},
+                 {"input_ids": [[1, 2], [3, 4, 5]], "sampling_params": {
+                     "max_new_tokens": 4, "n": 2, "temperature": 0.0}, "return_logprob": True,
+                  "return_sampling_mask": True, "sampling_logprobs_mode": "support"}):
+        api.GenerateRequest.from_json_value(body)
+        status, out = post(server, "/generate", body)
+        assert status == 200
+        for o in out if isinstance(out, list) else [out]:
+            decoded = api.GenerateResponse.from_json_value(o)
+            assert decoded.meta_info.weight_version == o["meta_info"]["weight_version"]
+            assert decoded.meta_info.finish_reason is not None

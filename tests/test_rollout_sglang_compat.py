@@ -334,3 +334,64 @@ def test_flattened_bucket_layout_matches_sglangs():
     receiver.get_flattened_tensor().copy_(ours)
     for (name, t), (rname, rt) in zip(named, receiver.reconstruct_tensors()):
         assert name == rname and torch.equal(t, rt)
+
+
+# ------------------------------------------------------------------------------------------
+# launch/sglang_server.sh
+# ------------------------------------------------------------------------------------------
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+STUB_PYTHON = """#!/usr/bin/env bash
+# Stands in for python: the version probe succeeds, a launch prints its arguments.
+if [[ "$1" == "-c" ]]; then exit 0; fi
+printf '%s\\n' "$@"
+"""
+
+
+def run_launch_script(tmp_path, *args, **env):
+    import os
+    import subprocess
+
+    stub = tmp_path / "python"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    full_env = {**os.environ, "PYTHON": str(stub), "MODEL": "/models/qwen3-moe", **env}
+    full_env.pop("MOERL_ROLLOUT_API_KEY", None)
+    full_env.update(env)
+    return subprocess.run(["bash", str(REPO / "launch/sglang_server.sh"), *args], env=full_env,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_launch_script_turns_on_routes_masks_and_logical_expert_ids(tmp_path):
+    out = run_launch_script(tmp_path, "--log-level", "info", MOERL_ROLLOUT_API_KEY="k3y", TP="4")
+    assert out.returncode == 0, out.stderr
+    argv = out.stdout.split("\n")[:-1]
+    flags = dict(zip(argv, argv[1:]))
+    assert argv[:2] == ["-m", "sglang.launch_server"]
+    assert "--enable-return-routed-experts" in argv and "--skip-tokenizer-init" in argv
+    assert flags["--sampling-mask-max-tokens"] == "4096" and flags["--tp-size"] == "4"
+    assert flags["--ep-num-redundant-experts"] == "0"
+    assert flags["--init-expert-location"] == "trivial"
+    assert flags["--disaggregation-mode"] == "null" and "--enable-eplb" not in argv
+    assert flags["--api-key"] == "k3y" and "k3y" not in out.stderr  # the echo masks the key
+    assert argv[-2:] == ["--log-level", "info"]
+
+
+@pytest.mark.parametrize("bad", ["--enable-eplb", "--ep-num-redundant-experts=8",
+                                 "--disaggregation-mode=prefill"])
+def test_launch_script_refuses_what_breaks_keep_routing(tmp_path, bad):
+    out = run_launch_script(tmp_path, bad)
+    assert out.returncode == 2 and "KEEP_ROUTING=1" in out.stderr
+    assert run_launch_script(tmp_path, bad, KEEP_ROUTING="0").returncode == 0
+
+
+@pytest.mark.sglang
+def test_launch_script_arguments_parse_with_sglangs_own_parser(tmp_path):
+    import argparse
+
+    server_args = _sglang("sglang.srt.server_args")
+    argv = run_launch_script(tmp_path).stdout.split("\n")[:-1][2:]  # drop "-m module"
+    parser = argparse.ArgumentParser()
+    server_args.ServerArgs.add_cli_args(parser)
+    ns = parser.parse_args(argv)
+    assert ns.enable_return_routed_experts and ns.sampling_mask_max_tokens == 4096

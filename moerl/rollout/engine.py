@@ -83,6 +83,7 @@ class GenerationRequest:
     done: Callable[[dict], None]  # called once, on the engine thread, with the output dict
     # Engine-owned state.
     generator: torch.Generator | None = None
+    uniforms: list[float] = field(default_factory=list)  # pre-drawn from ``generator``
     output_ids: list[int] = field(default_factory=list)
     full_logprobs: list[float] = field(default_factory=list)
     sampling_logprobs: list[Any] = field(default_factory=list)
@@ -155,6 +156,8 @@ class Engine:
         self._prompt_cache: collections.OrderedDict[tuple, _Prefill] = collections.OrderedDict()
         self._prompt_cache_used = 0
         self._paused = False
+        self._spec_cache: tuple | None = None
+        self._batch_version = 0  # bumped whenever rows join or leave the running batch
         # Cross-thread inbox.
         self._cond = threading.Condition()
         self._inbox: list[GenerationRequest] = []
@@ -285,6 +288,15 @@ class Engine:
             seed = int(self._seed_rng.integers(0, 2**63 - 1))
         return torch.Generator().manual_seed(seed % (2**64))
 
+    @staticmethod
+    def _next_uniform(req: GenerationRequest) -> float:
+        # Drawn in chunks: the sequence of uniforms is a function of the seed alone, so a
+        # request's samples do not depend on what it is batched with (or on retraction).
+        if not req.uniforms:
+            req.uniforms = torch.rand(64, generator=req.generator, dtype=torch.float64).tolist()
+            req.uniforms.reverse()
+        return req.uniforms.pop()
+
     # ---------------------------------------------------------------- prefill and batching
 
     def _forward(self, input_ids_BS, mask_BS, position_ids_BS, cache):
@@ -379,6 +391,7 @@ class Engine:
         """Append prefilled rows to the running batch, left-padding KV to a common length."""
         from transformers import DynamicCache
 
+        self._batch_version += 1
         S_old = 0 if self._mask_BS is None else self._mask_BS.shape[1]
         S = max(S_old, max(p.kv[0][0].shape[2] for p in prefills))
         masks = [] if self._mask_BS is None else [_pad_left(self._mask_BS, S - S_old)]
@@ -405,6 +418,7 @@ class Engine:
 
     def _keep_rows(self, keep: list[int]) -> None:
         """Drop every running row not in ``keep`` and trim all-padding columns."""
+        self._batch_version += 1
         self._running = [self._running[i] for i in keep]
         if not keep:
             self._cache, self._mask_BS = None, None
@@ -425,33 +439,46 @@ class Engine:
         position_ids_B1 = torch.tensor([[len(r.prompt_ids) + len(r.output_ids) - 1]
                                         for r in self._running], dtype=torch.long)
         self._mask_BS = torch.cat([self._mask_BS, torch.ones(B, 1, dtype=torch.long)], dim=1)
-        logits_BV = self._forward(input_ids_B1, self._mask_BS, position_ids_B1, self._cache)
+        mask = self._mask_BS
+        if self.config._attn_implementation == "sdpa":
+            # One query per row sees every cached key: the causal part of the mask is empty, so
+            # the SDPA boolean mask is just the padding mask ([B, 1, 1, S], True = attend), and
+            # transformers uses a 4-D mask as given instead of rebuilding it every step.
+            mask = self._mask_BS.bool()[:, None, None, :]
+        logits_BV = self._forward(input_ids_B1, mask, position_ids_B1, self._cache)
         routes_B1LK = self._take_routes(B, 1)
         for i, req in enumerate(self._running):
             req.route_chunks.append(routes_B1LK[i])
         self.steps += 1
         self._sample_rows(list(range(B)), logits_BV)
 
+    def _sampling_tensors(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """Per-row sampling parameters as tensors; cached while the batch is unchanged."""
+        key = (self._batch_version, tuple(rows))
+        if self._spec_cache is None or self._spec_cache[0] != key:
+            specs = [self._running[i].sampling for i in rows]
+            self._spec_cache = (key, {
+                "temperature_B": torch.tensor([s.temperature for s in specs]),
+                "top_k_B": torch.tensor([s.top_k for s in specs], dtype=torch.long),
+                "top_p_B": torch.tensor([s.top_p for s in specs]),
+                "min_p_B": torch.tensor([s.min_p for s in specs]),
+                "greedy_B": torch.tensor([s.greedy for s in specs])})
+        return self._spec_cache[1]
+
     def _sample_rows(self, rows: list[int], logits_BV: torch.Tensor) -> None:
         """Sample the next token of running rows ``rows``, record it, retire finished rows."""
         reqs = [self._running[i] for i in rows]
-        specs = [r.sampling for r in reqs]
         out = sample_with_support(
-            logits_BV,
-            temperature_B=torch.tensor([s.temperature for s in specs]),
-            top_k_B=torch.tensor([s.top_k for s in specs], dtype=torch.long),
-            top_p_B=torch.tensor([s.top_p for s in specs]),
-            min_p_B=torch.tensor([s.min_p for s in specs]),
-            greedy_B=torch.tensor([s.greedy for s in specs]),
-            uniform_B=torch.cat([torch.rand(1, generator=r.generator, dtype=torch.float64)
-                                 for r in reqs]))
+            logits_BV, **self._sampling_tensors(rows),
+            uniform_B=torch.tensor([self._next_uniform(r) for r in reqs], dtype=torch.float64),
+            support_logprobs=any(r.mask_mode == "support" for r in reqs))
         tokens = out.token_B.tolist()
         full = out.full_logprob_B.tolist()
         selected = out.sampling_logprob_B.tolist()
         kept_len = out.kept_len_B.tolist()
         bounds = np.cumsum([0] + kept_len)
         kept_ids = out.kept_ids_M.numpy().astype(np.int32)
-        kept_lp = out.kept_logprobs_M.numpy()
+        kept_lp = None if out.kept_logprobs_M is None else out.kept_logprobs_M.numpy()
         finished: set[int] = set()
         for j, (row, req) in enumerate(zip(rows, reqs)):
             if req.return_mask and kept_len[j] > self.sampling_mask_max_tokens:

@@ -43,9 +43,11 @@ moerl's optional additions (offered only by moerl's built-in server, advertised 
   layers, one byte (or little-endian uint16 when ``num_experts > 256``) per expert id, shape
   ``[T, num_moe_layers, K]``. Replaces ``routed_experts``.
 - ``meta_info.moerl_sampling_mask = {"encoding": "varint-delta", "b64": ...}``: per row an
-  LEB128 varint length (0 = the whole vocabulary) followed by the row's ids sorted ascending as
-  varint gaps (``id[0]``, then ``id[i] - id[i-1] - 1``). Replaces ``output_token_sampling_mask``;
-  ``output_token_sampling_logprobs`` stays as in SGLang (``selected`` mode only).
+  LEB128 varint header ``h`` followed by ``n`` sorted ids as varint gaps (``id[0]``, then
+  ``id[i] - id[i-1] - 1``): ``h = 0`` is the whole vocabulary, ``h = 2n`` lists the ``n`` kept
+  ids, ``h = 2n + 1`` lists the ``n`` *excluded* ids (used when fewer than half are excluded).
+  Replaces ``output_token_sampling_mask``; ``output_token_sampling_logprobs`` stays as in SGLang
+  (``selected`` mode only).
 
 Every decoder validates what it reads and raises :class:`WireFormatError` (a ``ValueError``)
 naming what is wrong.
@@ -409,15 +411,17 @@ def _varint_decode(raw: bytes) -> np.ndarray:
 
 
 def encode_mask_compact(rows: Sequence[np.ndarray], *, vocab_size: int) -> dict:
-    """moerl's compact mask: per row varint(len, 0 = whole vocabulary), then sorted-id gaps."""
+    """moerl's compact mask (see the module docstring): kept or excluded ids as varint gaps."""
     values: list[np.ndarray] = []
     for row in rows:
         row = np.sort(np.asarray(row, dtype=np.int64))
         if row.size == vocab_size:
             values.append(np.zeros(1, np.int64))
             continue
-        gaps = np.diff(row, prepend=-1) - 1
-        values.append(np.concatenate([[row.size], gaps]))
+        excluded = row.size > vocab_size - row.size
+        listed = np.setdiff1d(np.arange(vocab_size), row) if excluded else row
+        gaps = np.diff(listed, prepend=-1) - 1
+        values.append(np.concatenate([[2 * listed.size + int(excluded)], gaps]))
     stream = _varint_encode(np.concatenate(values)) if values else b""
     return {"encoding": COMPACT_MASK_ENCODING, "b64": base64.b64encode(stream).decode("ascii")}
 
@@ -430,23 +434,30 @@ def decode_mask_compact(payload: Any, *, sampled_ids: Sequence[int], vocab_size:
                               f"'{COMPACT_MASK_ENCODING}', got {payload!r:.200}")
     values = _varint_decode(_b64decode(payload.get("b64"), "moerl_sampling_mask.b64"))
     num_rows = len(sampled_ids)
-    lengths_R = np.zeros(num_rows, dtype=np.int64)
     chunks: list[np.ndarray] = []
     pos = 0
     for r in range(num_rows):
         if pos >= values.size:
             raise WireFormatError(f"moerl_sampling_mask has {r} rows for {num_rows} generated "
                                   f"tokens")
-        n = int(values[pos])
-        gaps = values[pos + 1: pos + 1 + n]
-        if gaps.size != n:
+        header = int(values[pos])
+        n, excluded = header // 2, header % 2 == 1
+        listed = np.cumsum(values[pos + 1: pos + 1 + n] + 1) - 1
+        if listed.size != n:
             raise WireFormatError(f"moerl_sampling_mask row {r} is truncated")
-        chunks.append(np.cumsum(gaps + 1) - 1)
-        lengths_R[r] = n
+        if n and listed[-1] >= vocab_size:
+            raise WireFormatError(f"moerl_sampling_mask row {r} lists id {int(listed[-1])} "
+                                  f"outside the vocabulary [0, {vocab_size})")
+        if excluded:
+            if n >= vocab_size:
+                raise WireFormatError(f"moerl_sampling_mask row {r} excludes every token")
+            listed = np.setdiff1d(np.arange(vocab_size), listed)
+        chunks.append(listed if header else np.arange(vocab_size))
         pos += 1 + n
     if pos != values.size:
         raise WireFormatError(f"moerl_sampling_mask has {values.size - pos} trailing values after "
                               f"{num_rows} rows")
+    lengths_R = np.array([c.size for c in chunks], dtype=np.int64)
     ids_M = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
     offsets_R1 = np.concatenate([[0], np.cumsum(lengths_R)])
     validate_mask_csr(ids_M, offsets_R1, vocab_size=vocab_size,

@@ -38,16 +38,18 @@ class SamplerOutput:
     sampling_logprob_B: torch.Tensor  # float32 [B], z[y] - logsumexp(z[kept])
     kept_ids_M: torch.Tensor  # int64 [M], each row's support in descending probability
     kept_len_B: torch.Tensor  # int64 [B]
-    kept_logprobs_M: torch.Tensor  # float32 [M], z[i] - logsumexp(z[kept]) for each kept id
+    kept_logprobs_M: torch.Tensor | None  # float32 [M], z[i] - logsumexp(z[kept]); on request
 
 
 def sample_with_support(logits_BV: torch.Tensor, *, temperature_B: torch.Tensor,
                         top_k_B: torch.Tensor, top_p_B: torch.Tensor, min_p_B: torch.Tensor,
-                        greedy_B: torch.Tensor, uniform_B: torch.Tensor) -> SamplerOutput:
+                        greedy_B: torch.Tensor, uniform_B: torch.Tensor,
+                        support_logprobs: bool = True) -> SamplerOutput:
     """Sample one token per row and return its support and log-probs (see module docstring).
 
     ``top_k_B`` holds ``TOP_K_ALL`` (or anything >= V) for "no top-k"; greedy rows ignore the
-    filters. ``uniform_B`` are float64 draws in [0, 1).
+    filters. ``uniform_B`` are float64 draws in [0, 1). ``support_logprobs`` also returns the
+    log-prob of every kept id (SGLang's ``sampling_logprobs_mode="support"``).
     """
     V = logits_BV.shape[-1]
     z_BV = logits_BV.float() / temperature_B.float().unsqueeze(1)
@@ -77,13 +79,16 @@ def sample_with_support(logits_BV: torch.Tensor, *, temperature_B: torch.Tensor,
     lse_B = torch.logsumexp(z_sorted_BV.masked_fill(~keep_BV, float("-inf")), dim=-1)
     sampling_logprob_B = z_BV.gather(1, token_B.unsqueeze(1)).squeeze(1) - lse_B
     sampling_logprob_B[greedy_B] = 0.0
-    kept_logprobs_BV = z_sorted_BV - lse_B.unsqueeze(1)
-    kept_logprobs_BV[greedy_B, 0] = 0.0
+    kept_logprobs_M = None
+    if support_logprobs:
+        kept_logprobs_BV = z_sorted_BV - lse_B.unsqueeze(1)
+        kept_logprobs_BV[greedy_B, 0] = 0.0
+        kept_logprobs_M = kept_logprobs_BV[keep_BV]
     return SamplerOutput(
         token_B=token_B,
         full_logprob_B=logp_BV.gather(1, token_B.unsqueeze(1)).squeeze(1),
         sampling_logprob_B=sampling_logprob_B,
         kept_ids_M=idx_sorted_BV[keep_BV],
         kept_len_B=keep_BV.sum(dim=-1),
-        kept_logprobs_M=kept_logprobs_BV[keep_BV],
+        kept_logprobs_M=kept_logprobs_M,
     )
