@@ -146,6 +146,7 @@ def _collect_samples(run: Run, step: int) -> tuple[list[Sample], dict]:
         "dynamic_sampling/refill_rounds": rounds,
         "dynamic_sampling/kept_frac": len(samples) / len(all_scores),
         "rollout/server_restarts": run.rollout.restarts,
+        "rollout/num_samples": len(samples),
     }
 
 
@@ -353,7 +354,10 @@ def setup(cfg: Config) -> tuple[Run, int]:
                           f"(launch/local.sh does this for you)")
     arch = architecture_from_hf(json.loads((hf_path / "config.json").read_text()))
     p = cfg.parallel
-    validate_architecture_layout(arch, tp=p.tp, ep=p.ep, etp=p.etp)
+    try:
+        validate_architecture_layout(arch, tp=p.tp, ep=p.ep, etp=p.etp)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     layout, groups = init_parallel(tp=p.tp, ep=p.ep, etp=p.etp, seed=cfg.training.seed,
                                    timeout_s=3600.0)
     out_dir = Path(cfg.training.out_dir)
