@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 # Shown on the progress line, in this order, when present.
-_HEADLINE = ("score/mean", "eval/accuracy", "mismatch/k3", "routing/token_agree", "clipfrac",
-             "grad_norm", "time/step")
+_HEADLINE = ("score/mean", "eval/accuracy", "mismatch/k3", "routing/route_agreement",
+             "clipfrac", "grad_norm", "time/step")
 
 
 class Telemetry:

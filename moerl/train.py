@@ -222,8 +222,11 @@ def old_logprob_stage(run: Run, batch: RolloutBatch) -> dict:
         positions = torch.arange(batch.seq_len)
         routed_BT = positions < (batch.prompt_lengths_B + batch.response_lengths_B - 1)[:, None]
         agreement = routing_agreement(batch.trainer_routes_BTLK, batch.routes_BTLK, routed_BT)
-        metrics.update({f"routing/{k}": (v.item() if v.dim() == 0 else v.tolist())
-                        for k, v in agreement.items()})
+        per_layer = agreement.pop("layer_agreement")
+        metrics.update({f"routing/{k}": v.item() for k, v in agreement.items()})
+        # Keyed by hidden-layer index, so dense layers simply have no entry.
+        metrics.update({f"routing/layer{layer}_agreement": v
+                        for layer, v in zip(run.arch.moe_layer_ids, per_layer.tolist())})
     return metrics
 
 

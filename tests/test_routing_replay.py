@@ -118,6 +118,7 @@ def test_routing_agreement_hand_computed():
     got = routing_agreement(a, b, mask)
     assert got["route_agreement"].item() == pytest.approx(3 / 4)
     assert got["token_route_mismatch"].item() == pytest.approx(1 / 2)
+    assert got["layer_agreement"].tolist() == [1.0, 0.5]  # layer 1 differs at position 1
     empty = routing_agreement(a, b, torch.zeros_like(mask))
     assert torch.isnan(empty["route_agreement"]) and torch.isnan(empty["token_route_mismatch"])
     with pytest.raises(ValueError, match="mask_BT"):

@@ -139,14 +139,17 @@ def test_mask_without_truncation_fails_before_work(warm_model, tmp_path):
     assert "--keep-sampling-mask needs a truncating sampler" in proc.stderr
 
 
-def test_nonfinite_loss_skips_step_without_corrupting_state(warm_model):
+def test_nonfinite_skip_and_reference_swap(warm_model):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "tests" / "dist" / "actor_nonfinite.py"), str(warm_model)],
+         str(REPO / "tests" / "dist" / "actor_checks.py"), str(warm_model)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["nan_step"]["ok"] is False and result["nan_step"]["unchanged"]
     assert "non-finite" in result["nan_step"]["reason"]
-    assert result["good_step_ok"] and result["identical_to_clean_run"]
+    assert result["good_step"]["ok"] and result["identical_to_clean_run"]
+    # The reference is the initial policy, swapped in and out of the one Megatron model.
+    assert result["good_step"]["ref_is_initial"] and result["good_step"]["policy_moved"]
+    assert result["good_step"]["weights_restored"]

@@ -187,8 +187,9 @@ def routing_agreement(routes_a_BTLK: torch.Tensor, routes_b_BTLK: torch.Tensor,
     order of the top-k carries no meaning once gate weights are recomputed). Only positions with
     ``mask_BT`` set count. Returns detached 0-dim float tensors:
       ``route_agreement``        fraction of counted (token, layer) pairs that agree;
-      ``token_route_mismatch``   fraction of counted tokens that differ in at least one layer.
-    Both are NaN when no position counts.
+      ``token_route_mismatch``   fraction of counted tokens that differ in at least one layer;
+      ``layer_agreement``        ``[L]``, the agreement of each MoE layer on its own.
+    All are NaN when no position counts.
     """
     if routes_a_BTLK.shape != routes_b_BTLK.shape or routes_a_BTLK.dim() != 4:
         raise ValueError(f"routes must both be [B, T, L, K], got {tuple(routes_a_BTLK.shape)} "
@@ -202,9 +203,11 @@ def routing_agreement(routes_a_BTLK: torch.Tensor, routes_b_BTLK: torch.Tensor,
     num_tokens = same_NL.shape[0]
     nan = torch.tensor(float("nan"))
     if num_tokens == 0 or same_NL.shape[1] == 0:
-        return {"route_agreement": nan, "token_route_mismatch": nan.clone()}
+        return {"route_agreement": nan, "token_route_mismatch": nan.clone(),
+                "layer_agreement": torch.full((same_NL.shape[1],), float("nan"))}
     return {"route_agreement": same_NL.float().mean().detach(),
-            "token_route_mismatch": (~same_NL.all(-1)).float().mean().detach()}
+            "token_route_mismatch": (~same_NL.all(-1)).float().mean().detach(),
+            "layer_agreement": same_NL.float().mean(0).detach()}
 
 
 def _router_replay_classes():

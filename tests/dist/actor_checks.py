@@ -1,8 +1,9 @@
-"""torchrun script: a non-finite loss skips the step without touching weights or Adam state.
+"""torchrun script: the actor's skip-on-non-finite and reference-by-weight-swap contracts.
 
 Two actors start from the same weights. Actor A takes a NaN step and then a good step; actor B
 takes only the good step. If the skipped step left no trace, A and B end bitwise identical.
-Prints one JSON line on rank 0.
+After A's update its reference log-probs must still be the initial policy's, bit for bit, and
+the swap must put the trained weights back exactly. Prints one JSON line on rank 0.
 """
 
 import json
@@ -44,6 +45,9 @@ def run(with_nan: bool):
     actor = Actor(arch=arch, layout=layout, groups=groups, hf_path=hf_dir, ref_path="",
                   bf16=False, recompute=False, token_dispatcher=None, optim=dict(lr=1e-3))
     before = [p.detach().clone() for p in actor.model.parameters()]
+    batch.old_logprobs_BT = batch.trainer_routes_BTLK = batch.ref_logprobs_BT = None
+    actor.compute_old_logprobs(batch, rows, settings)
+    initial_logprobs = batch.old_logprobs_BT.clone()
     results = []
     if with_nan:
         result, _ = actor.train_step(batch, rows, settings, bad, with_entropy=False)
@@ -51,14 +55,23 @@ def run(with_nan: bool):
         results.append({"ok": result.ok, "reason": result.skipped_reason,
                         "unchanged": unchanged})
     result, _ = actor.train_step(batch, rows, settings, good, with_entropy=False)
-    results.append({"ok": result.ok})
-    return results, [p.detach().clone() for p in actor.model.parameters()]
+    trained = [p.detach().clone() for p in actor.model.parameters()]
+    actor.compute_ref_logprobs(batch, rows, settings)
+    batch.old_logprobs_BT = None
+    actor.compute_old_logprobs(batch, rows, settings)
+    results.append({
+        "ok": result.ok,
+        "ref_is_initial": torch.equal(batch.ref_logprobs_BT, initial_logprobs),
+        "policy_moved": not torch.equal(batch.old_logprobs_BT, initial_logprobs),
+        "weights_restored": all(torch.equal(t, p) for t, p in zip(trained,
+                                                                  actor.model.parameters()))})
+    return results, trained
 
 
 res_a, weights_a = run(with_nan=True)
 res_b, weights_b = run(with_nan=False)
 same = all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))
 if layout.rank == 0:
-    print(json.dumps({"nan_step": res_a[0], "good_step_ok": res_a[1]["ok"],
+    print(json.dumps({"nan_step": res_a[0], "good_step": res_a[1],
                       "identical_to_clean_run": same}))
 destroy_parallel()
