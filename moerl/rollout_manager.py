@@ -53,11 +53,13 @@ class RolloutManager:
     def __init__(self, *, builtin: bool, url: str, api_key: str, engine_dtype: str,
                  concurrency: int, timeout_s: float, max_retries: int, seed: int,
                  sampling: SamplingSettings, layout: MoeLayout, return_routes: bool,
-                 return_mask: bool, sync_method: str, bucket_mb: int, run_dir: Path,
+                 return_mask: bool, require_mask: bool, sync_method: str, bucket_mb: int,
+                 run_dir: Path,
                  hf_config_dir: str, max_batch_size: int = 64):
         self.builtin, self.url, self.api_key = builtin, url, api_key or None
         self.engine_dtype, self.seed, self.sampling = engine_dtype, seed, sampling
         self.layout, self.return_routes, self.return_mask = layout, return_routes, return_mask
+        self.require_mask = require_mask
         self.sync_method, self.bucket_bytes = sync_method, bucket_mb << 20
         self.weights_dir = run_dir / "rollout_weights"  # the last pushed weights, HF format
         self.hf_config_dir = hf_config_dir
@@ -93,9 +95,14 @@ class RolloutManager:
             raise RuntimeError("the rollout server returned no expert routes: start SGLang with "
                                "--enable-return-routed-experts (launch/sglang_server.sh does)")
         if self.return_mask and sample.mask_offsets_R1 is None:
-            raise RuntimeError("the rollout server returned no sampling mask: start SGLang with "
-                               "sampling-mask return on (launch/sglang_server.sh "
-                               "--keep-sampling-mask) and a finite top_k")
+            if self.require_mask:
+                raise RuntimeError("the rollout server returned no sampling mask: start SGLang "
+                                   "with sampling-mask return on (launch/sglang_server.sh "
+                                   "--keep-sampling-mask) and a finite top_k")
+            log.warning("the rollout server returns no sampling mask: rollout_logprobs will be "
+                        "full-vocabulary log-probs, so the mismatch telemetry, OPSM and TIS do "
+                        "not see the sampler's truncation")
+            self.return_mask = False
 
     def _launch(self, weights_dir: str | Path, *, port: int) -> None:
         self.server = launch_server(

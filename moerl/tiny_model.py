@@ -35,6 +35,16 @@ TINY_QWEN3_MOE: dict[str, Any] = dict(
 )
 
 
+# Named variants (overrides of TINY_QWEN3_MOE). "wide" has more MoE layers and experts, so more
+# routing decisions per token sit near a tie and a bf16 engine flips more of them: a CPU-sized
+# stand-in for the routing fragility of large MoEs (Qwen3-30B-A3B: 48 MoE layers, 128 experts).
+TINY_VARIANTS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "wide": dict(num_hidden_layers=5, num_experts=32, num_experts_per_tok=4,
+                 moe_intermediate_size=16),
+}
+
+
 def create_tiny_hf_model(out_dir: str | Path, *, seed: int = 0, init_std: float = 0.02,
                          **overrides: Any) -> Path:
     """Write a randomly initialised tiny Qwen3-MoE (config.json + model.safetensors) to ``out_dir``.

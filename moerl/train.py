@@ -412,7 +412,12 @@ def setup(cfg: Config) -> tuple[Run, int]:
             engine_dtype=r.engine_dtype, concurrency=r.concurrency, timeout_s=r.timeout_s,
             max_retries=r.max_retries, seed=r.seed, sampling=sampling,
             layout=MoeLayout.from_hf_config(hf_path), return_routes=True,
-            return_mask=cfg.algorithm.keep_sampling_mask, sync_method=cfg.weight_sync.method,
+            # Whenever the sampler truncates, the behaviour policy is the truncated one: ask for
+            # its support and log-probs even without keep-mask, so that rollout_logprobs (the
+            # mismatch telemetry, OPSM, TIS) are what the engine really sampled with.
+            return_mask=cfg.algorithm.keep_sampling_mask or r.top_p < 1 or r.top_k > 0
+            or r.min_p > 0, require_mask=cfg.algorithm.keep_sampling_mask,
+            sync_method=cfg.weight_sync.method,
             bucket_mb=cfg.weight_sync.bucket_mb, run_dir=out_dir, hf_config_dir=str(hf_path),
             max_batch_size=min(256, r.prompts_per_step * r.group_size))
         rollout.start(hf_path, version="step-0")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from moerl.tasks.arithmetic import EOS_ID, PAD_ID, ArithmeticTask
-from moerl.tiny_model import create_tiny_hf_model
+from moerl.tiny_model import TINY_VARIANTS, create_tiny_hf_model
 
 
 @torch.no_grad()
@@ -40,13 +40,19 @@ def greedy_accuracy(model, task: ArithmeticTask, prompts, *, max_new_tokens: int
 
 def warm_start(out_dir: str | Path, *, task: ArithmeticTask, target_accuracy: float = 0.35,
                max_steps: int = 3000, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-               eval_every: int = 50, max_new_tokens: int = 8, log=print) -> dict:
-    """Train until greedy eval accuracy >= target_accuracy (or max_steps); save HF; return stats."""
+               eval_every: int = 50, max_new_tokens: int = 8, variant: str = "tiny",
+               log=print) -> dict:
+    """Train until greedy eval accuracy >= target_accuracy (or max_steps); save HF; return stats.
+
+    ``variant`` names a model size of :data:`moerl.tiny_model.TINY_VARIANTS`.
+    """
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
     init_dir = out_dir.with_name(out_dir.name + ".init")
-    create_tiny_hf_model(init_dir, seed=seed)
+    if variant not in TINY_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(TINY_VARIANTS)}")
+    create_tiny_hf_model(init_dir, seed=seed, **TINY_VARIANTS[variant])
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(init_dir, dtype=torch.float32)
     model.generation_config.pad_token_id = PAD_ID
@@ -78,7 +84,7 @@ def warm_start(out_dir: str | Path, *, task: ArithmeticTask, target_accuracy: fl
                 break
     model.save_pretrained(out_dir, safe_serialization=True)
     stats = {"steps": step, "eval_accuracy": accuracy, "seconds": round(time.time() - started, 1),
-             "target_accuracy": target_accuracy}
+             "target_accuracy": target_accuracy, "variant": variant}
     (out_dir / "warmstart.json").write_text(json.dumps(stats, indent=2))
     return stats
 
@@ -92,11 +98,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-terms", type=int, default=2)
     parser.add_argument("--task-seed", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", default="tiny", choices=sorted(TINY_VARIANTS),
+                        help="model size (moerl.tiny_model.TINY_VARIANTS)")
     args = parser.parse_args(argv)
     task = ArithmeticTask(max_operand=args.max_operand, num_terms=args.num_terms,
                           seed=args.task_seed)
     stats = warm_start(args.out, task=task, target_accuracy=args.target_accuracy,
-                       max_steps=args.max_steps, seed=args.seed)
+                       max_steps=args.max_steps, seed=args.seed, variant=args.variant)
     print(json.dumps(stats))
 
 

@@ -1,0 +1,64 @@
+"""tools/plan.py against published figures: Qwen3-30B-A3B's parameter counts (model card:
+30.5B total, 3.3B activated) and Megatron's per-parameter training-state costs (distributed
+optimizer docs: 18 B/param for bf16 params with fp32 grads, 6 + 12/d with the distributed
+optimizer; 16 and 8 + 8/d in fp32)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import plan  # noqa: E402
+
+from moerl.trainer.model import architecture_from_hf  # noqa: E402
+
+QWEN3_30B = REPO / "configs" / "models" / "qwen3_30b_a3b.hf_config.json"
+
+
+@pytest.fixture(scope="module")
+def arch():
+    return architecture_from_hf(json.loads(QWEN3_30B.read_text()))
+
+
+def test_parameter_counts_match_model_card(arch):
+    total = sum(plan.parameter_counts(arch).values())
+    assert total == pytest.approx(30.5e9, rel=0.01)
+    assert plan.active_parameters(arch) == pytest.approx(3.3e9, rel=0.03)
+
+
+@pytest.mark.parametrize("bf16, plain, dist_fixed, dist_sharded", [
+    (True, 18.0, 6.0, 12.0), (False, 16.0, 8.0, 8.0)])
+def test_bytes_per_param_match_megatron(arch, bf16, plain, dist_fixed, dist_sharded):
+    common = dict(tp=1, ep=1, etp=1, world=8, bf16=bf16, micro_batch=1, seq_len=128,
+                  recompute=True)
+    m = plan.memory_per_gpu(arch, distributed_optimizer=False, **common)
+    assert m["bytes_per_param_train_state"] == pytest.approx(plain)
+    m = plan.memory_per_gpu(arch, distributed_optimizer=True, **common)
+    assert m["bytes_per_param_train_state"] == pytest.approx(dist_fixed + dist_sharded / 8)
+
+
+def test_sharding_divides_per_gpu_parameters(arch):
+    dense1, expert1 = plan.per_gpu_parameters(arch, tp=1, ep=1, etp=1)
+    dense4, expert8 = plan.per_gpu_parameters(arch, tp=4, ep=8, etp=1)
+    assert expert8 * 8 == pytest.approx(expert1, rel=1e-9)
+    assert dense1 / 4 < dense4 < dense1 / 3.5  # norms and routers stay replicated
+
+
+def test_cli_reports_fit_and_payload():
+    proc = subprocess.run(
+        [sys.executable, "tools/plan.py", "configs/grpo.yaml",
+         "configs/models/qwen3_30b_a3b_2x8.yaml", "--hf-config", str(QWEN3_30B), "--world",
+         "16", "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["layout"]["dp"] == 4 and report["layout"]["expert_dp"] == 2
+    assert report["fits"] is True
+    payload = report["rollout_payload_per_step"]
+    # int32 routes for 48 layers x top-8: 1536 raw bytes per token, base64 on the wire.
+    assert payload["route_bytes_per_token_wire"] == pytest.approx(2048)
+    assert payload["routes_information_MiB"] < payload["routes_host_MiB"]
