@@ -269,3 +269,16 @@ def test_information_bits():
     assert bits["routes_bits"] == pytest.approx(2 * 2 * 3)  # L_moe * K * log2(E)
     assert bits["routes_set_bits"] == pytest.approx(2 * math.log2(28))
     assert bits["mask_bits"] == pytest.approx((math.log2(64) + 0 + math.log2(2016)) / 3)
+
+
+@pytest.mark.parametrize("values, match", [
+    ([4, 3], "truncated"),  # header says 2 kept ids, one gap follows
+    ([2 * 64 + 1] + [0] * 64, "excludes every token"),
+    ([2, 70], "outside the vocabulary"),
+    ([2, 3, 9], "trailing"),
+])
+def test_compact_mask_rejects_malformed_streams(values, match):
+    payload = {"encoding": "varint-delta", "b64": base64.b64encode(
+        P._varint_encode(np.array(values))).decode()}
+    with pytest.raises(P.WireFormatError, match=match):
+        P.decode_mask_compact(payload, sampled_ids=[3], vocab_size=64)

@@ -7,7 +7,6 @@ import time
 import urllib.error
 import urllib.request
 
-import numpy as np
 import pytest
 import torch
 

@@ -183,7 +183,7 @@ class RolloutClient:
         return str((await self.model_info()).get("weight_version"))
 
     async def get_layout(self) -> MoeLayout:
-        """The MoE layout: the one given, cross-checked with a built-in server's, or the server's."""
+        """The MoE layout: the one given (checked against a built-in server's), or the server's."""
         info = self._server_info or await self.model_info()
         served = info.get("moerl", {}).get("layout") if isinstance(info, dict) else None
         if served is not None:

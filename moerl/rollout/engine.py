@@ -40,6 +40,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from moerl.rollout.protocol import (
     MoeLayout,
@@ -47,24 +49,9 @@ from moerl.rollout.protocol import (
     encode_routed_experts,
     encode_routes_compact,
 )
-from moerl.rollout.sampler import sample_with_support
+from moerl.rollout.sampler import SamplingSpec, sample_with_support
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamplingSpec:
-    """Validated, SGLang-normalised sampling parameters of one request."""
-
-    temperature: float
-    top_k: int  # TOP_K_ALL for none
-    top_p: float
-    min_p: float
-    greedy: bool
-    max_new_tokens: int
-    stop_token_ids: frozenset[int]
-    ignore_eos: bool
-    seed: int | None
 
 
 @dataclass(eq=False)
@@ -151,7 +138,7 @@ class Engine:
         # Engine-thread state.
         self._running: list[GenerationRequest] = []
         self._cache = None  # DynamicCache of the running batch
-        self._mask_BS: torch.Tensor | None = None
+        self._mask_BS: torch.Tensor | None = None  # bool, True = real token (left padding)
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._prompt_cache: collections.OrderedDict[tuple, _Prefill] = collections.OrderedDict()
         self._prompt_cache_used = 0
@@ -186,8 +173,8 @@ class Engine:
                 routers[i] = mlp.gate
                 mlp.gate.register_forward_hook(self._route_hook(i))
         if tuple(routers) != self.layout.moe_layers:
-            raise ValueError(f"the model's MoE routers sit in layers {list(routers)} but its config "
-                             f"says {list(self.layout.moe_layers)}")
+            raise ValueError(f"the model's MoE routers sit in layers {list(routers)} but its "
+                             f"config says {list(self.layout.moe_layers)}")
         return routers
 
     def _route_hook(self, layer: int):
@@ -195,8 +182,8 @@ class Engine:
 
         def hook(module, args, output):
             indices = output[-1] if isinstance(output, tuple) else None
-            if not (isinstance(indices, torch.Tensor) and indices.dtype in (torch.int64, torch.int32)
-                    and indices.shape[-1] == K):
+            if not (isinstance(indices, torch.Tensor) and indices.shape[-1] == K
+                    and indices.dtype in (torch.int64, torch.int32)):
                 raise RuntimeError(f"router of layer {layer} did not return top-{K} indices "
                                    f"last (transformers layout changed?)")
             self._captured[layer] = indices.reshape(-1, K)
@@ -307,8 +294,6 @@ class Engine:
 
     def _prefill(self, sequences: list[tuple]) -> list[_Prefill]:
         """Prefill ``sequences`` as one left-padded batch; return each one's KV, logits, routes."""
-        from transformers import DynamicCache
-
         lengths = [len(s) for s in sequences]
         U, S = len(sequences), max(lengths)
         input_ids_US = torch.zeros(U, S, dtype=torch.long)
@@ -389,18 +374,15 @@ class Engine:
 
     def _merge(self, prefills: list[_Prefill]) -> None:
         """Append prefilled rows to the running batch, left-padding KV to a common length."""
-        from transformers import DynamicCache
-
         self._batch_version += 1
         S_old = 0 if self._mask_BS is None else self._mask_BS.shape[1]
         S = max(S_old, max(p.kv[0][0].shape[2] for p in prefills))
         masks = [] if self._mask_BS is None else [_pad_left(self._mask_BS, S - S_old)]
         for p in prefills:
             n = p.kv[0][0].shape[2]
-            masks.append(torch.cat([torch.zeros(1, S - n, dtype=torch.long),
-                                    torch.ones(1, n, dtype=torch.long)], dim=1))
+            masks.append(torch.cat([torch.zeros(1, S - n, dtype=torch.bool),
+                                    torch.ones(1, n, dtype=torch.bool)], dim=1))
         if self._cache is None:
-            self._cache = DynamicCache(config=self.config)
             layers = [(None, None)] * len(prefills[0].kv)
         else:
             layers = [(layer.keys, layer.values) for layer in self._cache.layers]
@@ -412,8 +394,9 @@ class Engine:
                 k, v = p.kv[i]
                 ks.append(_pad_left(k, S - k.shape[2]))
                 vs.append(_pad_left(v, S - v.shape[2]))
-            merged.append((torch.cat(ks), torch.cat(vs)))
-        self._cache = DynamicCache(ddp_cache_data=merged, config=self.config)
+            merged.append(_AppendLayer.holding(torch.cat(ks), torch.cat(vs)))
+        self._cache = DynamicCache(config=self.config)
+        self._cache.layers = merged
         self._mask_BS = torch.cat(masks)
 
     def _keep_rows(self, keep: list[int]) -> None:
@@ -425,11 +408,12 @@ class Engine:
             return
         index = torch.tensor(keep, dtype=torch.long)
         mask_BS = self._mask_BS.index_select(0, index)
-        start = int(mask_BS.any(dim=0).long().argmax())
+        start = int(mask_BS.any(dim=0).byte().argmax())
         self._mask_BS = mask_BS[:, start:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self._cache.layers = [
+            _AppendLayer.holding(layer.keys.index_select(0, index)[:, :, start:],
+                                 layer.values.index_select(0, index)[:, :, start:])
+            for layer in self._cache.layers]
 
     # ---------------------------------------------------------------- decode and sampling
 
@@ -438,13 +422,13 @@ class Engine:
         input_ids_B1 = torch.tensor([[r.output_ids[-1]] for r in self._running], dtype=torch.long)
         position_ids_B1 = torch.tensor([[len(r.prompt_ids) + len(r.output_ids) - 1]
                                         for r in self._running], dtype=torch.long)
-        self._mask_BS = torch.cat([self._mask_BS, torch.ones(B, 1, dtype=torch.long)], dim=1)
+        self._mask_BS = torch.cat([self._mask_BS, torch.ones(B, 1, dtype=torch.bool)], dim=1)
         mask = self._mask_BS
         if self.config._attn_implementation == "sdpa":
             # One query per row sees every cached key: the causal part of the mask is empty, so
             # the SDPA boolean mask is just the padding mask ([B, 1, 1, S], True = attend), and
             # transformers uses a 4-D mask as given instead of rebuilding it every step.
-            mask = self._mask_BS.bool()[:, None, None, :]
+            mask = self._mask_BS[:, None, None, :]
         logits_BV = self._forward(input_ids_B1, mask, position_ids_B1, self._cache)
         routes_B1LK = self._take_routes(B, 1)
         for i, req in enumerate(self._running):
@@ -452,26 +436,34 @@ class Engine:
         self.steps += 1
         self._sample_rows(list(range(B)), logits_BV)
 
-    def _sampling_tensors(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        """Per-row sampling parameters as tensors; cached while the batch is unchanged."""
+    def _sampling_args(self, rows: list[int]) -> dict[str, Any]:
+        """Per-row sampling parameters as tensors, plus which filters any row uses; cached
+        while the batch is unchanged."""
         key = (self._batch_version, tuple(rows))
         if self._spec_cache is None or self._spec_cache[0] != key:
-            specs = [self._running[i].sampling for i in rows]
+            reqs = [self._running[i] for i in rows]
+            specs = [r.sampling for r in reqs]
+            V = self.layout.vocab_size
             self._spec_cache = (key, {
                 "temperature_B": torch.tensor([s.temperature for s in specs]),
                 "top_k_B": torch.tensor([s.top_k for s in specs], dtype=torch.long),
                 "top_p_B": torch.tensor([s.top_p for s in specs]),
                 "min_p_B": torch.tensor([s.min_p for s in specs]),
-                "greedy_B": torch.tensor([s.greedy for s in specs])})
+                "greedy_B": torch.tensor([s.greedy for s in specs]),
+                "need_top_k": any(s.top_k < V for s in specs),
+                "need_top_p": any(s.top_p < 1.0 for s in specs),
+                "need_min_p": any(s.min_p > 0.0 for s in specs),
+                "any_greedy": any(s.greedy for s in specs),
+                "support_logprobs": any(r.return_mask and r.mask_mode == "support"
+                                        for r in reqs)})
         return self._spec_cache[1]
 
     def _sample_rows(self, rows: list[int], logits_BV: torch.Tensor) -> None:
         """Sample the next token of running rows ``rows``, record it, retire finished rows."""
         reqs = [self._running[i] for i in rows]
         out = sample_with_support(
-            logits_BV, **self._sampling_tensors(rows),
-            uniform_B=torch.tensor([self._next_uniform(r) for r in reqs], dtype=torch.float64),
-            support_logprobs=any(r.mask_mode == "support" for r in reqs))
+            logits_BV, **self._sampling_args(rows),
+            uniform_B=torch.tensor([self._next_uniform(r) for r in reqs], dtype=torch.float64))
         tokens = out.token_B.tolist()
         full = out.full_logprob_B.tolist()
         selected = out.sampling_logprob_B.tolist()
@@ -612,6 +604,39 @@ class Engine:
             if req.output_ids:
                 req.version_events.append((self.weight_version, len(req.output_ids)))
         self.weight_version = version
+
+
+class _AppendLayer(DynamicLayer):
+    """A ``DynamicLayer`` (transformers 5.23) with spare capacity: a decode step writes its new
+    key/value into the buffer instead of ``DynamicLayer.update``'s ``torch.cat`` of the whole
+    cache, so appending costs O(new tokens) rather than O(cache length). ``keys`` / ``values``
+    stay views of the filled prefix, which is all transformers reads."""
+
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> "_AppendLayer":
+        layer = cls()
+        layer.lazy_initialization(keys, values)
+        layer._fill(keys, values, capacity=2 * keys.shape[2] + 16)
+        return layer
+
+    def _fill(self, keys: torch.Tensor, values: torch.Tensor, *, capacity: int) -> None:
+        B, H, S, D = keys.shape
+        self._k = keys.new_empty(B, H, capacity, D)
+        self._v = values.new_empty(B, H, capacity, values.shape[3])
+        self._k[:, :, :S] = keys
+        self._v[:, :, :S] = values
+        self._len = S
+        self.keys, self.values = self._k[:, :, :S], self._v[:, :, :S]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[2]
+        if self._len + n > self._k.shape[2]:
+            self._fill(self.keys, self.values, capacity=2 * (self._len + n))
+        self._k[:, :, self._len:self._len + n] = key_states
+        self._v[:, :, self._len:self._len + n] = value_states
+        self._len += n
+        self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
+        return self.keys, self.values
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:

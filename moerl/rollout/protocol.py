@@ -341,7 +341,7 @@ def validate_mask_csr(ids_M: np.ndarray, offsets_R1: np.ndarray, *, vocab_size: 
 
 def mask_rows_to_csr(rows: Any, *, sampled_ids: Sequence[int], vocab_size: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SGLang's ``output_token_sampling_mask`` (a list of id lists) -> CSR (int32 ids, int64 offsets).
+    """SGLang's ``output_token_sampling_mask`` (id lists) -> CSR (int32 ids, int64 offsets).
 
     A row listing the whole vocabulary becomes a row of length 0 (``Sample``'s "no truncation").
     """
@@ -358,7 +358,7 @@ def mask_rows_to_csr(rows: Any, *, sampled_ids: Sequence[int], vocab_size: int
                                   f"got {row!r:.80}")
         lengths.append(len(row))
     flat = [t for row in rows for t in row]
-    if any(type(t) is not int for t in flat):
+    if not set(map(type, flat)) <= {int}:
         bad = next(t for t in flat if type(t) is not int)
         raise WireFormatError(f"sampling mask ids must be integers, got {bad!r:.40}")
     ids_M = np.asarray(flat, dtype=np.int64)
@@ -410,6 +410,13 @@ def _varint_decode(raw: bytes) -> np.ndarray:
     return np.add.reduceat(parts, starts).astype(np.int64)
 
 
+def _complement(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The vocabulary ids not in ``ids``, ascending."""
+    present = np.zeros(vocab_size, dtype=bool)
+    present[ids] = True
+    return np.flatnonzero(~present)
+
+
 def encode_mask_compact(rows: Sequence[np.ndarray], *, vocab_size: int) -> dict:
     """moerl's compact mask (see the module docstring): kept or excluded ids as varint gaps."""
     values: list[np.ndarray] = []
@@ -419,7 +426,7 @@ def encode_mask_compact(rows: Sequence[np.ndarray], *, vocab_size: int) -> dict:
             values.append(np.zeros(1, np.int64))
             continue
         excluded = row.size > vocab_size - row.size
-        listed = np.setdiff1d(np.arange(vocab_size), row) if excluded else row
+        listed = _complement(row, vocab_size) if excluded else row
         gaps = np.diff(listed, prepend=-1) - 1
         values.append(np.concatenate([[2 * listed.size + int(excluded)], gaps]))
     stream = _varint_encode(np.concatenate(values)) if values else b""
@@ -428,35 +435,43 @@ def encode_mask_compact(rows: Sequence[np.ndarray], *, vocab_size: int) -> dict:
 
 def decode_mask_compact(payload: Any, *, sampled_ids: Sequence[int], vocab_size: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`encode_mask_compact`, validated, as CSR (int32 ids, int64 offsets)."""
+    """Inverse of :func:`encode_mask_compact`, validated, as CSR (int32 ids, int64 offsets).
+
+    Rows sent as "whole vocabulary" (header 0) come out as rows of length 0.
+    """
     if not isinstance(payload, Mapping) or payload.get("encoding") != COMPACT_MASK_ENCODING:
         raise WireFormatError(f"moerl_sampling_mask must be an object with encoding "
                               f"'{COMPACT_MASK_ENCODING}', got {payload!r:.200}")
     values = _varint_decode(_b64decode(payload.get("b64"), "moerl_sampling_mask.b64"))
     num_rows = len(sampled_ids)
-    chunks: list[np.ndarray] = []
+    headers = np.zeros(num_rows, dtype=np.int64)
+    starts = np.zeros(num_rows, dtype=np.int64)
     pos = 0
-    for r in range(num_rows):
+    for r in range(num_rows):  # headers are sequential; everything else is vectorised
         if pos >= values.size:
             raise WireFormatError(f"moerl_sampling_mask has {r} rows for {num_rows} generated "
                                   f"tokens")
-        header = int(values[pos])
-        n, excluded = header // 2, header % 2 == 1
-        listed = np.cumsum(values[pos + 1: pos + 1 + n] + 1) - 1
-        if listed.size != n:
-            raise WireFormatError(f"moerl_sampling_mask row {r} is truncated")
-        if n and listed[-1] >= vocab_size:
-            raise WireFormatError(f"moerl_sampling_mask row {r} lists id {int(listed[-1])} "
-                                  f"outside the vocabulary [0, {vocab_size})")
-        if excluded:
-            if n >= vocab_size:
-                raise WireFormatError(f"moerl_sampling_mask row {r} excludes every token")
-            listed = np.setdiff1d(np.arange(vocab_size), listed)
-        chunks.append(listed if header else np.arange(vocab_size))
-        pos += 1 + n
+        headers[r], starts[r] = values[pos], pos + 1
+        pos += 1 + int(values[pos]) // 2
     if pos != values.size:
         raise WireFormatError(f"moerl_sampling_mask has {values.size - pos} trailing values after "
-                              f"{num_rows} rows")
+                              f"{num_rows} rows" if pos < values.size else
+                              f"moerl_sampling_mask row {num_rows - 1} is truncated")
+    listed_R = headers // 2
+    total = int(listed_R.sum())
+    first_R = np.cumsum(listed_R) - listed_R
+    index = np.arange(total) + np.repeat(starts - first_R, listed_R)
+    steps = np.cumsum(values[index] + 1)
+    # Per-row cumulative sum of (gap + 1), minus one: the listed ids, ascending.
+    listed_ids = steps - np.repeat(np.concatenate([[0], steps])[first_R], listed_R) - 1
+    if total and listed_ids.max() >= vocab_size:
+        raise WireFormatError(f"moerl_sampling_mask lists id {int(listed_ids.max())} outside the "
+                              f"vocabulary [0, {vocab_size})")
+    chunks = np.split(listed_ids, np.cumsum(listed_R)[:-1])
+    for r in np.flatnonzero(headers % 2 == 1):  # rows sent as their excluded ids
+        if listed_R[r] >= vocab_size:
+            raise WireFormatError(f"moerl_sampling_mask row {int(r)} excludes every token")
+        chunks[r] = _complement(chunks[r], vocab_size)
     lengths_R = np.array([c.size for c in chunks], dtype=np.int64)
     ids_M = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
     offsets_R1 = np.concatenate([[0], np.cumsum(lengths_R)])

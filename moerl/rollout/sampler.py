@@ -13,8 +13,9 @@ Semantics follow SGLang's PyTorch sampler (``layers/sampler.py``,
   kept); min-p keeps ``p >= min_p * max(p)``; only tokens with ``p > 0`` are support (a token
   whose probability underflows to zero cannot be sampled). SGLang's FlashInfer backend applies
   top-p after renormalising by top-k when min-p is also set; moerl always uses the joint rule.
-- The sampled token's behaviour log-prob is ``z[y] - logsumexp(z[kept])`` (the log of SGLang's
-  ``selected_weight / support_mass``; the same number the trainer recomputes under a keep-mask).
+- The sampled token's behaviour log-prob is ``z[y] - logsumexp(z[kept])``, computed as SGLang
+  does, ``log(selected_weight / support_mass)`` (in float64); it is the number the trainer
+  recomputes under a keep-mask.
   Greedy rows report the support ``[y]`` and log-prob exactly 0.
 - The full-vocabulary log-prob is ``log_softmax(z)[y]`` (SGLang's ``output_token_logprobs``).
 - Sampling is by inverse CDF on the kept, unnormalised weights with one uniform per row; the
@@ -31,6 +32,21 @@ import torch
 GREEDY_TEMPERATURE_EPS = 1e-6  # SGLang's _SAMPLING_EPS
 
 
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Validated, SGLang-normalised sampling parameters of one request."""
+
+    temperature: float
+    top_k: int  # TOP_K_ALL for none
+    top_p: float
+    min_p: float
+    greedy: bool
+    max_new_tokens: int
+    stop_token_ids: frozenset[int]
+    ignore_eos: bool
+    seed: int | None
+
+
 @dataclass
 class SamplerOutput:
     token_B: torch.Tensor  # int64 [B]
@@ -44,51 +60,57 @@ class SamplerOutput:
 def sample_with_support(logits_BV: torch.Tensor, *, temperature_B: torch.Tensor,
                         top_k_B: torch.Tensor, top_p_B: torch.Tensor, min_p_B: torch.Tensor,
                         greedy_B: torch.Tensor, uniform_B: torch.Tensor,
-                        support_logprobs: bool = True) -> SamplerOutput:
+                        support_logprobs: bool = True, need_top_k: bool = True,
+                        need_top_p: bool = True, need_min_p: bool = True,
+                        any_greedy: bool = True) -> SamplerOutput:
     """Sample one token per row and return its support and log-probs (see module docstring).
 
     ``top_k_B`` holds ``TOP_K_ALL`` (or anything >= V) for "no top-k"; greedy rows ignore the
     filters. ``uniform_B`` are float64 draws in [0, 1). ``support_logprobs`` also returns the
-    log-prob of every kept id (SGLang's ``sampling_logprobs_mode="support"``).
+    log-prob of every kept id (SGLang's ``sampling_logprobs_mode="support"``). The ``need_*`` /
+    ``any_greedy`` flags let a caller that knows no row uses a filter skip it (as SGLang's
+    ``need_top_k_sampling``); leaving them True is always correct.
+
+    Each filter keeps a prefix of the probability-sorted vocabulary, so the support is a prefix
+    too; the sampled token's truncated log-prob is ``log p[y] - log(sum of kept p)``.
     """
     V = logits_BV.shape[-1]
     z_BV = logits_BV.float() / temperature_B.float().unsqueeze(1)
     logp_BV = torch.log_softmax(z_BV, dim=-1)
-    p_BV = logp_BV.exp()
-    # Stable sort on the negated probabilities: ties keep ascending token id, so the support and
-    # the sample do not depend on the sort implementation.
-    p_sorted_BV, idx_sorted_BV = torch.sort(p_BV, dim=-1, descending=True, stable=True)
+    # Stable sort: ties keep ascending token id, so the support and the sample do not depend on
+    # the sort implementation.
+    p_sorted_BV, idx_sorted_BV = torch.sort(logp_BV.exp(), dim=-1, descending=True, stable=True)
+    keep_BV = p_sorted_BV > 0
     rank_V = torch.arange(V, device=logits_BV.device)
-    mass_before_BV = torch.cumsum(p_sorted_BV, dim=-1) - p_sorted_BV
-    keep_BV = rank_V.unsqueeze(0) < top_k_B.clamp(max=V).unsqueeze(1)
-    keep_BV &= mass_before_BV <= top_p_B.float().unsqueeze(1)
-    keep_BV &= p_sorted_BV >= p_sorted_BV[:, :1] * min_p_B.float().unsqueeze(1)
-    keep_BV &= p_sorted_BV > 0
-    keep_BV[greedy_B] = rank_V == 0
+    if need_top_k:
+        keep_BV &= rank_V.unsqueeze(0) < top_k_B.clamp(max=V).unsqueeze(1)
+    if need_top_p:
+        mass_before_BV = torch.cumsum(p_sorted_BV, dim=-1) - p_sorted_BV
+        keep_BV &= mass_before_BV <= top_p_B.float().unsqueeze(1)
+    if need_min_p:
+        keep_BV &= p_sorted_BV >= p_sorted_BV[:, :1] * min_p_B.float().unsqueeze(1)
+    if any_greedy:
+        keep_BV[greedy_B] = rank_V == 0
+    kept_len_B = keep_BV.sum(dim=-1)
 
-    weights_BV = torch.where(keep_BV, p_sorted_BV.double(), 0.0)
-    cdf_BV = torch.cumsum(weights_BV, dim=-1)
-    target_B = uniform_B.double() * cdf_BV[:, -1]
-    pick_B = torch.searchsorted(cdf_BV, target_B.unsqueeze(1), right=True).squeeze(1)
+    cdf_BV = torch.cumsum(p_sorted_BV.double() * keep_BV, dim=-1)
+    total_B = cdf_BV[:, -1]
+    pick_B = torch.searchsorted(cdf_BV, (uniform_B.double() * total_B).unsqueeze(1),
+                                right=True).squeeze(1)
     # Float rounding can put the target on the last kept step; never step past the support.
-    pick_B = torch.minimum(pick_B, keep_BV.sum(dim=-1) - 1)
-    pick_B[greedy_B] = 0
+    pick_B = torch.minimum(pick_B, kept_len_B - 1)
     token_B = idx_sorted_BV.gather(1, pick_B.unsqueeze(1)).squeeze(1)
-
-    z_sorted_BV = z_BV.gather(1, idx_sorted_BV)
-    lse_B = torch.logsumexp(z_sorted_BV.masked_fill(~keep_BV, float("-inf")), dim=-1)
-    sampling_logprob_B = z_BV.gather(1, token_B.unsqueeze(1)).squeeze(1) - lse_B
-    sampling_logprob_B[greedy_B] = 0.0
+    full_logprob_B = logp_BV.gather(1, token_B.unsqueeze(1)).squeeze(1)
+    log_total_B = total_B.log()
+    sampling_logprob_B = (full_logprob_B.double() - log_total_B).float()
+    if any_greedy:
+        sampling_logprob_B[greedy_B] = 0.0
     kept_logprobs_M = None
     if support_logprobs:
-        kept_logprobs_BV = z_sorted_BV - lse_B.unsqueeze(1)
-        kept_logprobs_BV[greedy_B, 0] = 0.0
-        kept_logprobs_M = kept_logprobs_BV[keep_BV]
-    return SamplerOutput(
-        token_B=token_B,
-        full_logprob_B=logp_BV.gather(1, token_B.unsqueeze(1)).squeeze(1),
-        sampling_logprob_B=sampling_logprob_B,
-        kept_ids_M=idx_sorted_BV[keep_BV],
-        kept_len_B=keep_BV.sum(dim=-1),
-        kept_logprobs_M=kept_logprobs_M,
-    )
+        kept_BV = logp_BV.gather(1, idx_sorted_BV).double() - log_total_B.unsqueeze(1)
+        kept_BV[greedy_B, 0] = 0.0
+        kept_logprobs_M = kept_BV.float()[keep_BV]
+    return SamplerOutput(token_B=token_B, full_logprob_B=full_logprob_B,
+                         sampling_logprob_B=sampling_logprob_B,
+                         kept_ids_M=idx_sorted_BV[keep_BV], kept_len_B=kept_len_B,
+                         kept_logprobs_M=kept_logprobs_M)

@@ -1,4 +1,4 @@
-"""Request validation for moerl's built-in server: SGLang 0.5.23's request schemas, checked strictly.
+"""Request validation for moerl's built-in server: SGLang 0.5.23's request schemas, strictly.
 
 ``/generate`` follows ``GenerateReqInput`` (``managers/io_struct.py``) and the JSON contract of
 ``api/v1/api_types.py``: unknown *top-level* keys are ignored (as SGLang's dataclass parse does),
@@ -22,13 +22,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from moerl.rollout.engine import SamplingSpec
 from moerl.rollout.protocol import (
     SGLANG_SAMPLING_PARAM_FIELDS,
     TOP_K_ALL,
     unknown_field_message,
 )
-from moerl.rollout.sampler import GREEDY_TEMPERATURE_EPS
+from moerl.rollout.sampler import GREEDY_TEMPERATURE_EPS, SamplingSpec
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -284,7 +283,8 @@ def parse_generate_request(body: Any, *, limits: Limits) -> tuple[list[GenerateI
         if modes[i] is not None and not return_mask[i]:
             raise RequestError("sampling_logprobs_mode can only be set when "
                                "return_sampling_mask=true.")
-        if return_mask[i] and spec.top_k != TOP_K_ALL and spec.top_k > limits.sampling_mask_max_tokens:
+        cap = limits.sampling_mask_max_tokens
+        if return_mask[i] and spec.top_k != TOP_K_ALL and spec.top_k > cap:
             raise RequestError(
                 f"return_sampling_mask requires top_k=1 for greedy sampling or finite 1 < top_k "
                 f"<= {limits.sampling_mask_max_tokens}; got top_k={spec.top_k}. Lower top_k or "
@@ -374,7 +374,8 @@ PAUSE_SCHEMA = {"mode": ("str", "abort"), "rid": ("str?", None), "http_worker_ip
 CONTINUE_SCHEMA = {"torch_empty_cache": ("bool", True), "rid": ("str?", None),
                    "http_worker_ipc": ("str?", None)}
 UPDATE_FROM_DISK_SCHEMA = {
-    "model_path": ("str", ...), "load_format": ("str?", None), "abort_all_requests": ("bool", False),
+    "model_path": ("str", ...), "load_format": ("str?", None),
+    "abort_all_requests": ("bool", False),
     "weight_version": ("str?", None), "is_async": ("bool", False),
     "torch_empty_cache": ("bool", False), "keep_pause": ("bool", False),
     "recapture_cuda_graph": ("bool", False), "token_step": ("int", 0),

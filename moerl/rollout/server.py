@@ -116,7 +116,8 @@ class RolloutServer:
             ("GET", "/health", self.health, _OPEN), ("GET", "/health_generate", self.health, _OPEN),
             ("GET", "/model_info", self.model_info, _NORMAL),
             ("GET", "/get_model_info", self.model_info, _NORMAL),
-            ("POST", "/generate", self.generate, _NORMAL), ("PUT", "/generate", self.generate, _NORMAL),
+            ("POST", "/generate", self.generate, _NORMAL),
+            ("PUT", "/generate", self.generate, _NORMAL),
             ("GET", "/flush_cache", self.flush_cache, _ADMIN),
             ("POST", "/flush_cache", self.flush_cache, _ADMIN),
             ("POST", "/pause_generation", self.pause_generation, _ADMIN),
@@ -188,7 +189,7 @@ class RolloutServer:
 
     async def model_info(self, request: web.Request) -> web.Response:
         e = self.engine
-        running, waiting = await asyncio.wrap_future(e.call(e.num_requests))
+        running, waiting = await self._engine_call(e.num_requests)
         return _json({
             "model_path": self.model_path, "served_model_name": self.model_path,
             "tokenizer_path": None, "is_generation": True, "preferred_sampling_params": None,
@@ -247,6 +248,8 @@ class RolloutServer:
     # ------------------------------------------------------------------ control
 
     async def _engine_call(self, fn: Callable[[], Any]) -> Any:
+        if not self.engine.alive:
+            raise RequestError("the engine thread is not running", status=503)
         return await asyncio.wrap_future(self.engine.call(fn))
 
     async def flush_cache(self, request: web.Request) -> web.Response:

@@ -107,7 +107,8 @@ def validate_tensor_metadata(names: Sequence[str], dtypes: Sequence[str],
             raise ValueError(f"Negative dimension in received tensor {name}: {list(shape)}")
         itemsize = getattr(torch, dtype).itemsize
         if load_format == FLATTENED_BUCKET and offset % itemsize:
-            raise ValueError(f"Unaligned received tensor {name}: byte offset {offset}, dtype {dtype}")
+            raise ValueError(f"Unaligned received tensor {name}: byte offset {offset}, "
+                             f"dtype {dtype}")
         offset += math.prod(shape) * itemsize
 
 
@@ -121,7 +122,8 @@ def receive_tensors(group: dist.ProcessGroup, names: Sequence[str], dtypes: Sequ
         dist.broadcast(flat, src=0, group=group)
         out, offset = [], 0
         for name, dtype, shape, size in zip(names, dtypes, shapes, sizes):
-            out.append((name, flat[offset:offset + size].view(getattr(torch, dtype)).reshape(shape)))
+            chunk = flat[offset:offset + size].view(getattr(torch, dtype))
+            out.append((name, chunk.reshape(shape)))
             offset += size
         return out
     out = [(n, torch.empty(s, dtype=getattr(torch, d), device=device))
