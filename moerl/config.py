@@ -229,6 +229,11 @@ class WeightSyncConfig:
     update_weights_from_distributed); disk: write safetensors and call update_weights_from_disk."""
     bucket_mb: int = 256
     """Bucket size for the distributed push."""
+    master_address: str = ""
+    """Address of trainer rank 0 that rollout servers join for the weight broadcast; empty:
+    127.0.0.1 for the built-in server, this host's fully qualified name for external servers."""
+    master_port: int = 0
+    """Port of that rendezvous (0: a free port)."""
 
 
 @dataclass(frozen=True)

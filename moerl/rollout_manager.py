@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +55,15 @@ class RolloutManager:
                  concurrency: int, timeout_s: float, max_retries: int, seed: int,
                  sampling: SamplingSettings, layout: MoeLayout, return_routes: bool,
                  return_mask: bool, require_mask: bool, sync_method: str, bucket_mb: int,
-                 run_dir: Path,
-                 hf_config_dir: str, max_batch_size: int = 64):
+                 sync_address: str, sync_port: int, run_dir: Path, hf_config_dir: str,
+                 max_batch_size: int = 64):
         self.builtin, self.url, self.api_key = builtin, url, api_key or None
         self.engine_dtype, self.seed, self.sampling = engine_dtype, seed, sampling
         self.layout, self.return_routes, self.return_mask = layout, return_routes, return_mask
         self.require_mask = require_mask
         self.sync_method, self.bucket_bytes = sync_method, bucket_mb << 20
+        self.sync_address = sync_address or ("127.0.0.1" if builtin else socket.getfqdn())
+        self.sync_port = sync_port
         self.weights_dir = run_dir / "rollout_weights"  # the last pushed weights, HF format
         self.hf_config_dir = hf_config_dir
         self.concurrency, self.timeout_s = concurrency, timeout_s
@@ -199,7 +202,8 @@ class RolloutManager:
         if self._sync is None or self._sync.broken:
             if self._sync is not None:
                 self._sync.close()
-            self._sync = DistributedWeightSync([self.client])
+            self._sync = DistributedWeightSync([self.client], master_address=self.sync_address,
+                                               master_port=self.sync_port)
             self._sync.init()
         self._sync.push(named_tensors, weight_version=version, bucket_bytes=self.bucket_bytes)
 

@@ -417,8 +417,9 @@ def setup(cfg: Config) -> tuple[Run, int]:
             # mismatch telemetry, OPSM, TIS) are what the engine really sampled with.
             return_mask=cfg.algorithm.keep_sampling_mask or r.top_p < 1 or r.top_k > 0
             or r.min_p > 0, require_mask=cfg.algorithm.keep_sampling_mask,
-            sync_method=cfg.weight_sync.method,
-            bucket_mb=cfg.weight_sync.bucket_mb, run_dir=out_dir, hf_config_dir=str(hf_path),
+            sync_method=cfg.weight_sync.method, bucket_mb=cfg.weight_sync.bucket_mb,
+            sync_address=cfg.weight_sync.master_address, sync_port=cfg.weight_sync.master_port,
+            run_dir=out_dir, hf_config_dir=str(hf_path),
             max_batch_size=min(256, r.prompts_per_step * r.group_size))
         rollout.start(hf_path, version="step-0")
     telemetry = Telemetry(out_dir, total_steps=tr.steps, start_step=start_step,

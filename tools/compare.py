@@ -43,8 +43,11 @@ ARMS = {
     "grpo_r2": ("grpo", ["--routing-replay", "r2", "--no-keep-sampling-mask"],
                 "GRPO + R2 (replay the trainer's own routes)"),
     "gspo_r3": ("gspo", ["--keep-routing", "--no-keep-sampling-mask"], "GSPO + keep routing"),
+    # Attribution: the first arm changes two things at once; this one changes only the mask.
+    "grpo_mask": ("grpo", ["--routing-replay", "none", "--keep-sampling-mask"],
+                  "GRPO + keep sampling mask, no replay"),
 }
-DEFAULT_ARMS = ["grpo_r3_mask", "gspo", "grpo", "grpo_r2", "gspo_r3"]
+DEFAULT_ARMS = ["grpo_r3_mask", "gspo", "grpo", "grpo_r2", "gspo_r3", "grpo_mask"]
 QUICK_ARMS = ["grpo_r3_mask", "gspo", "grpo", "grpo_r2"]
 
 # Settings shared by every arm: where the mismatch comes from.
