@@ -282,3 +282,20 @@ def test_compact_mask_rejects_malformed_streams(values, match):
         P._varint_encode(np.array(values))).decode()}
     with pytest.raises(P.WireFormatError, match=match):
         P.decode_mask_compact(payload, sampled_ids=[3], vocab_size=64)
+
+
+def test_topk_candidates_equal_the_full_stable_sort_prefix():
+    from moerl.rollout.sampler import _sorted_candidates
+
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(8, 300) * 3, -1)
+    ps, ids = _sorted_candidates(p, torch.tensor([5, 40, 1, 7, 40, 2, 3, 9]), True)
+    full_p, full_ids = torch.sort(p, dim=-1, descending=True, stable=True)
+    assert ps.shape == (8, 40)
+    assert torch.equal(ps, full_p[:, :40]) and torch.equal(ids, full_ids[:, :40])
+    # A tie across the cutoff: topk could keep any of the tied ids, so the full sort decides.
+    tied = torch.tensor([[0.3, 0.1, 0.2, 0.1, 0.1, 0.2]])
+    _, ids = _sorted_candidates(tied, torch.tensor([2]), True)
+    assert ids.shape == (1, 6) and ids[0, :3].tolist() == [0, 2, 5]
+    _, ids = _sorted_candidates(tied, torch.tensor([3]), True)  # both 0.2s fit: no tie cut
+    assert ids.tolist() == [[0, 2, 5]]

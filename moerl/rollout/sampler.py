@@ -57,6 +57,30 @@ class SamplerOutput:
     kept_logprobs_M: torch.Tensor | None  # float32 [M], z[i] - logsumexp(z[kept]); on request
 
 
+def _sorted_candidates(p_BV: torch.Tensor, top_k_B: torch.Tensor, need_top_k: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities sorted descending with their token ids; ties in ascending token id, so the
+    support and the sample do not depend on the sort implementation.
+
+    When every row has a finite top-k, only the ``max(top_k)`` largest can be kept: select them
+    with ``topk`` (as SGLang's sampler does) instead of sorting the vocabulary, then order the
+    candidates stably. If some probability ties across that cutoff, ``topk`` would pick among
+    the tied ids arbitrarily, so the full stable sort is used instead: the result is always the
+    full sort's first ``max(top_k)`` entries.
+    """
+    V = p_BV.shape[-1]
+    k_max = int(top_k_B.max()) if need_top_k else V
+    if k_max < V:
+        p_top_BK, idx_BK = torch.topk(p_BV, k_max, dim=-1, sorted=True)
+        straddles = (p_BV >= p_top_BK[:, -1:]).sum(dim=-1) > k_max
+        if not bool(straddles.any()):
+            idx_BK = idx_BK.sort(dim=-1).values  # ascending id: the stable sort breaks ties by id
+            p_sorted_BK, order_BK = torch.sort(p_BV.gather(1, idx_BK), dim=-1, descending=True,
+                                               stable=True)
+            return p_sorted_BK, idx_BK.gather(1, order_BK)
+    return torch.sort(p_BV, dim=-1, descending=True, stable=True)
+
+
 def sample_with_support(logits_BV: torch.Tensor, *, temperature_B: torch.Tensor,
                         top_k_B: torch.Tensor, top_p_B: torch.Tensor, min_p_B: torch.Tensor,
                         greedy_B: torch.Tensor, uniform_B: torch.Tensor,
@@ -77,13 +101,12 @@ def sample_with_support(logits_BV: torch.Tensor, *, temperature_B: torch.Tensor,
     V = logits_BV.shape[-1]
     z_BV = logits_BV.float() / temperature_B.float().unsqueeze(1)
     logp_BV = torch.log_softmax(z_BV, dim=-1)
-    # Stable sort: ties keep ascending token id, so the support and the sample do not depend on
-    # the sort implementation.
-    p_sorted_BV, idx_sorted_BV = torch.sort(logp_BV.exp(), dim=-1, descending=True, stable=True)
+    p_sorted_BV, idx_sorted_BV = _sorted_candidates(logp_BV.exp(), top_k_B, need_top_k)
+    V = p_sorted_BV.shape[-1]  # from here on "V" is the number of candidates kept in view
     keep_BV = p_sorted_BV > 0
     rank_V = torch.arange(V, device=logits_BV.device)
     if need_top_k:
-        keep_BV &= rank_V.unsqueeze(0) < top_k_B.clamp(max=V).unsqueeze(1)
+        keep_BV &= rank_V.unsqueeze(0) < top_k_B.unsqueeze(1)
     if need_top_p:
         mass_before_BV = torch.cumsum(p_sorted_BV, dim=-1) - p_sorted_BV
         keep_BV &= mass_before_BV <= top_p_B.float().unsqueeze(1)
