@@ -135,6 +135,11 @@ class RolloutBatch:
         """Every non-None field, for broadcasting and checkpointing."""
         return {f: v for f, v in vars(self).items() if isinstance(v, torch.Tensor)}
 
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        """A copy with every tensor on ``device`` (a micro-batch on its way to the model)."""
+        return RolloutBatch(**{f: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor)
+                               else v for f, v in vars(self).items()})
+
 
 def _select_csr(ids_M, offsets_N1, rows_b, seq_len: int, width: int):
     """Rows ``rows_b`` (first ``width`` columns) of a CSR laid out over ``[B, seq_len]``."""

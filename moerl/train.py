@@ -262,7 +262,9 @@ def update_stage(run: Run, batch: RolloutBatch, step: int) -> dict:
             if not result.ok:
                 log.warning("step %d: optimizer step skipped: %s", step, result.skipped_reason)
             if run.critic is not None:
-                metrics.update(run.critic.train_step(batch, mine, tokens=tokens,
+                # The critic fits every response token (overlong filtering is a policy choice).
+                value_tokens = batch.response_mask_BT[mini].sum().float()
+                metrics.update(run.critic.train_step(batch, mine, tokens=value_tokens,
                                                      micro_batch_size=cfg.micro_batch_size))
             per_step.append(metrics)
     merged = {k: sum(m[k] for m in per_step) / len(per_step) for k in per_step[0]}

@@ -52,12 +52,14 @@ def trainer_side(args, arch, layout, groups, ids_BS):
     model.eval()
     replay = RoutingReplay(arch, layout, tp_group=groups.tp)
     batch, seq = ids_BS.shape
-    pos_BS = torch.arange(seq).expand(batch, seq)
+    device = next(model.parameters()).device  # CUDA with Transformer Engine specs on a GPU
+    ids_BS = ids_BS.to(device)
+    pos_BS = torch.arange(seq, device=device).expand(batch, seq)
     with torch.no_grad(), replay.record(batch_size=batch, seq_len=seq) as recorded:
         logits_BSV = model(ids_BS, pos_BS, attention_mask=None)
         logits_NV = logits_BSV[:, :-1].reshape(-1, logits_BSV.shape[-1])
         logp_N = vocab_parallel_logprobs(logits_NV, ids_BS[:, 1:].reshape(-1), tp_group=groups.tp)
-    return logp_N.view(batch, seq - 1), recorded.routes_BTLK
+    return logp_N.view(batch, seq - 1).cpu(), recorded.routes_BTLK.cpu()
 
 
 def hf_side(args, arch, ids_BS):

@@ -68,6 +68,8 @@ class Actor:
         self.optimizer = build_optimizer(model, layout, groups, **optim)
         self.model = self.optimizer.model  # the DDP-wrapped module that forward() must go through
         self.replay = RoutingReplay(arch, layout, tp_group=groups.tp)
+        # Batches live on the host; each micro-batch visits the model's device.
+        self.device = next(model.parameters()).device
 
     # ------------------------------------------------------------------ forward pieces
 
@@ -79,7 +81,7 @@ class Actor:
                   mask_on: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward ``mb`` (inside whatever routing context is active) -> ``[B, T]`` log-probs."""
         b, t = mb.tokens_BT.shape
-        positions_BT = torch.arange(t).expand(b, t)
+        positions_BT = torch.arange(t, device=mb.tokens_BT.device).expand(b, t)
         logits_BTV = self.model(mb.tokens_BT, positions_BT, None)
         logits_NV = logits_BTV.reshape(b * t, -1)
         kept = {}
@@ -99,7 +101,7 @@ class Actor:
             if routes_BTLK is None:
                 raise ValueError(f"routing replay {mode.value} needs "
                                  f"{'rollout routes (return_routed_experts)' if mode == ReplayMode.R3 else 'routes recorded in the old-logprob pass'}")
-            return shard_routes(routes_BTLK, layout=self.layout)
+            return shard_routes(routes_BTLK, layout=self.layout, device=self.device)
         return None
 
     # ------------------------------------------------------------------ no-grad passes
@@ -120,7 +122,7 @@ class Actor:
                 -1, -1, num_moe, -1).clone()
         entropy_BT = torch.zeros(b_all, t_all)
         for mb_rows in self._micro_batches(rows, settings.micro_batch_size):
-            mb = batch.select(mb_rows, pad_multiple=self.layout.tp)
+            mb = batch.select(mb_rows, pad_multiple=self.layout.tp).to(self.device)
             routes = self._routes_for(mb, settings.replay, training=False)
             if routes is None:
                 ctx = self.replay.record(batch_size=mb.batch_size, seq_len=mb.seq_len)
@@ -131,9 +133,9 @@ class Actor:
                                                    mask_on=settings.keep_sampling_mask)
             natural = handle.routes_BTLK if routes is None else handle.natural_routes_BTLK
             width = mb.seq_len
-            batch.old_logprobs_BT[mb_rows, :width] = logprobs.float()
-            batch.trainer_routes_BTLK[mb_rows, :width] = natural
-            entropy_BT[mb_rows, :width] = entropy.float()
+            batch.old_logprobs_BT[mb_rows, :width] = logprobs.float().cpu()
+            batch.trainer_routes_BTLK[mb_rows, :width] = natural.cpu()
+            entropy_BT[mb_rows, :width] = entropy.float().cpu()
         return entropy_BT
 
     @torch.no_grad()
@@ -146,10 +148,10 @@ class Actor:
             batch.ref_logprobs_BT = torch.zeros(batch.tokens_BT.shape)
         with self.reference_weights():
             for mb_rows in self._micro_batches(rows, settings.micro_batch_size):
-                mb = batch.select(mb_rows, pad_multiple=self.layout.tp)
+                mb = batch.select(mb_rows, pad_multiple=self.layout.tp).to(self.device)
                 logprobs, _ = self._logprobs(mb, settings, entropy=False,
                                              mask_on=settings.keep_sampling_mask)
-                batch.ref_logprobs_BT[mb_rows, :mb.seq_len] = logprobs.float()
+                batch.ref_logprobs_BT[mb_rows, :mb.seq_len] = logprobs.float().cpu()
 
     # ------------------------------------------------------------------ training
 
@@ -167,7 +169,7 @@ class Actor:
         totals: dict[str, torch.Tensor] = {}
         count = 0
         for mb_rows in self._micro_batches(rows, settings.micro_batch_size):
-            mb = batch.select(mb_rows, pad_multiple=self.layout.tp)
+            mb = batch.select(mb_rows, pad_multiple=self.layout.tp).to(self.device)
             routes = self._routes_for(mb, settings.replay, training=True)
             ctx = (self.replay.replay(routes) if routes is not None
                    else contextlib.nullcontext())

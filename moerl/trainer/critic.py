@@ -58,10 +58,12 @@ class Critic:
         model.output_layer = ValueHead(arch.hidden_size, sequence_parallel=layout.sp)
         self.optimizer = build_optimizer(model, layout, groups, **optim)
         self.model = self.optimizer.model
+        self.device = next(model.parameters()).device
 
     def _values(self, mb: RolloutBatch) -> torch.Tensor:
         b, t = mb.tokens_BT.shape
-        return self.model(mb.tokens_BT, torch.arange(t).expand(b, t), None).view(b, t).float()
+        positions = torch.arange(t, device=mb.tokens_BT.device).expand(b, t)
+        return self.model(mb.tokens_BT, positions, None).view(b, t).float()
 
     @torch.no_grad()
     def compute_values(self, batch: RolloutBatch, rows: torch.Tensor, *,
@@ -71,8 +73,8 @@ class Critic:
             batch.values_BT = torch.zeros(batch.tokens_BT.shape)
         for start in range(0, len(rows), micro_batch_size):
             mb_rows = rows[start:start + micro_batch_size]
-            mb = batch.select(mb_rows, pad_multiple=self.layout.tp)
-            batch.values_BT[mb_rows, :mb.seq_len] = self._values(mb)
+            mb = batch.select(mb_rows, pad_multiple=self.layout.tp).to(self.device)
+            batch.values_BT[mb_rows, :mb.seq_len] = self._values(mb).cpu()
 
     def train_step(self, batch: RolloutBatch, rows: torch.Tensor, *, tokens: torch.Tensor,
                    micro_batch_size: int) -> dict[str, float]:
@@ -81,7 +83,8 @@ class Critic:
         self.optimizer.zero_grad()
         total, clipfrac, count = 0.0, 0.0, 0
         for start in range(0, len(rows), micro_batch_size):
-            mb = batch.select(rows[start:start + micro_batch_size], pad_multiple=self.layout.tp)
+            mb = batch.select(rows[start:start + micro_batch_size],
+                              pad_multiple=self.layout.tp).to(self.device)
             loss_BT, metrics = clipped_value_loss(self._values(mb), mb.values_BT, mb.returns_BT,
                                                   mb.response_mask_BT, clip_eps=self.value_clip)
             loss = AGGREGATIONS["token_mean"](loss_BT, mb.response_mask_BT,
