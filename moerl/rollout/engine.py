@@ -314,8 +314,10 @@ class Engine:
                                 routes_PLK=routes_USLK[u, S - n:].copy(), num_bytes=num_bytes))
         return out
 
-    def _cached_prefill(self, sequences: list[tuple]) -> tuple[dict[tuple, _Prefill], set]:
-        """Prefill each distinct sequence once, reusing (and filling) the prompt cache.
+    def _cached_prefill(self, sequences: list[tuple], cacheable: set[tuple]
+                        ) -> tuple[dict[tuple, _Prefill], set]:
+        """Prefill each distinct sequence once, reusing the prompt cache and adding the
+        ``cacheable`` ones (prompts; a retracted request's prompt + output is not worth keeping).
 
         Returns the prefills by sequence and the set of sequences served from the cache.
         """
@@ -330,7 +332,8 @@ class Engine:
         if todo:
             for seq, pre in zip(todo, self._prefill(todo)):
                 found[seq] = pre
-                self._remember(seq, pre)
+                if seq in cacheable:
+                    self._remember(seq, pre)
         return found, from_cache
 
     def _remember(self, seq: tuple, pre: _Prefill) -> None:
@@ -351,7 +354,8 @@ class Engine:
         room = self.max_batch_size - len(self._running)
         admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
         seqs = [tuple(r.sequence) for r in admitted]
-        prefills, first_use = self._cached_prefill(seqs)
+        prefills, first_use = self._cached_prefill(
+            seqs, {s for r, s in zip(admitted, seqs) if not r.output_ids})
         for req, seq in zip(admitted, seqs):
             if req.generator is None:
                 req.generator = self._new_generator(req)
