@@ -99,9 +99,10 @@ class RolloutManager:
                                "--enable-return-routed-experts (launch/sglang_server.sh does)")
         if self.return_mask and sample.mask_offsets_R1 is None:
             if self.require_mask:
-                raise RuntimeError("the rollout server returned no sampling mask: start SGLang "
-                                   "with sampling-mask return on (launch/sglang_server.sh "
-                                   "--keep-sampling-mask) and a finite top_k")
+                raise RuntimeError("the rollout server returned no sampling mask: SGLang returns "
+                                   "it only for a finite top_k <= --sampling-mask-max-tokens "
+                                   "(launch/sglang_server.sh sets it): add e.g. "
+                                   "--set rollout.top_k=50")
             log.warning("the rollout server returns no sampling mask: rollout_logprobs will be "
                         "full-vocabulary log-probs, so the mismatch telemetry, OPSM and TIS do "
                         "not see the sampler's truncation")

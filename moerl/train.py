@@ -169,7 +169,7 @@ def _check_replay_inputs(cfg: Config, batch: RolloutBatch) -> None:
     if cfg.algorithm.routing_replay == "r3" and batch.routes_BTLK is None:
         raise RuntimeError("--keep-routing needs the rollout's expert routes, but the server "
                            "returned none: start SGLang with --enable-return-routed-experts "
-                           "(launch/sglang_server.sh --keep-routing)")
+                           "(launch/sglang_server.sh does)")
     if cfg.algorithm.keep_sampling_mask and batch.kept_offsets_N1 is None:
         raise RuntimeError("--keep-sampling-mask needs the sampler's kept sets, but the server "
                            "returned none: enable sampling-mask return on the server")
