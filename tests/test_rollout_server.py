@@ -358,7 +358,9 @@ def test_pause_abort_mid_batch_is_retried_by_the_client(server):
     worker = threading.Thread(target=lambda: result.update(
         samples=client.generate_sync(PROMPTS, n=2, seed=9, sampling_params=sp)))
     worker.start()
+    deadline = time.monotonic() + 60
     while post(server, "/model_info", method="GET")[1]["moerl"]["running"] == 0:
+        assert time.monotonic() < deadline
         time.sleep(0.005)
     assert post(server, "/pause_generation", {"mode": "abort"})[0] == 200
     time.sleep(0.3)  # aborted groups come back and are resubmitted; paused, they wait
