@@ -158,7 +158,9 @@ def parse_sampling_params(sp: Any, *, prompt_len: int, limits: Limits) -> tuple[
         raise RequestError(f"top_k must be -1 (disable) or at least 1, got {top_k}.")
     if not 1 <= n <= limits.max_sequences_per_request:
         raise RequestError(f"n must be in [1, {limits.max_sequences_per_request}], got {n}.")
-    max_new = sp.get("max_new_tokens", 128)
+    # Absent: SGLang's default 128, capped by the context (SGLang validates only explicit values);
+    # explicit null: up to the context length.
+    max_new = sp.get("max_new_tokens", min(128, limits.context_length - prompt_len))
     max_new = limits.context_length - prompt_len if max_new is None else _int(
         "sampling_params.max_new_tokens", max_new)
     if max_new < 0:
