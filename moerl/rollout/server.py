@@ -423,6 +423,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moerl.rollout.server", description=__doc__.split(
         "\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face MoE checkpoint directory")
+    p.add_argument("--exit-with-parent", type=int, default=0, metavar="PID",
+                   help="shut down when the process PID (the launcher) exits")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000, help="0 picks a free port")
     p.add_argument("--port-file", help="write the bound port here once listening")
@@ -440,6 +442,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning",
                    choices=("debug", "info", "warning", "error"))
     return p
+
+
+async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
+    """Shut down once the launching process is gone (e.g. a trainer killed with SIGKILL), so a
+    crashed run does not leave its server holding the port and the CPU. A dead parent shows up
+    as this process being re-parented."""
+    while not stop.is_set():
+        if os.getppid() != parent_pid:
+            logger.warning("parent process %d exited; shutting down", parent_pid)
+            stop.set()
+            return
+        await asyncio.sleep(1.0)
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -467,6 +481,8 @@ async def _serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if args.exit_with_parent:
+        loop.create_task(_stop_when_orphaned(args.exit_with_parent, stop))
     await stop.wait()
     logger.info("shutting down")
     await runner.cleanup()
@@ -553,7 +569,7 @@ def launch_server(model: str | Path, *, host: str = "127.0.0.1", port: int = 0,
            "--port", str(port), "--port-file", str(port_file), "--dtype", dtype, "--seed",
            str(seed), "--max-batch-size", str(max_batch_size), "--sampling-mask-max-tokens",
            str(sampling_mask_max_tokens), "--log-level", log_level, "--num-threads",
-           str(num_threads), *extra_args]
+           str(num_threads), "--exit-with-parent", str(os.getpid()), *extra_args]
     env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
     if api_key:
         env[API_KEY_ENV] = api_key
