@@ -27,7 +27,8 @@ from moerl.rollout.client import RetryPolicy, RolloutClient, RolloutError, run_s
 from moerl.rollout.protocol import MoeLayout
 from moerl.rollout.server import ServerHandle, launch_server
 from moerl.rollout.weight_sync import DistributedWeightSync, WeightSyncError
-from moerl.rollout.weight_sync import save_hf_safetensors, update_weights_from_disk
+from moerl.hf_io import write_hf_checkpoint
+from moerl.rollout.weight_sync import update_weights_from_disk
 
 log = logging.getLogger("moerl.rollout")
 
@@ -181,7 +182,7 @@ class RolloutManager:
         else:
             if self.builtin:
                 named_tensors = [(name, t.detach().cpu().clone()) for name, t in named_tensors]
-                save_hf_safetensors(named_tensors, self.weights_dir,
+                write_hf_checkpoint(named_tensors, self.weights_dir,
                                     config_dir=self.hf_config_dir)
             try:
                 self._push_distributed(named_tensors, version)

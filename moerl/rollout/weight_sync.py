@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
-import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -39,6 +37,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from moerl.hf_io import write_hf_checkpoint
 from moerl.rollout.client import RolloutClient, RolloutError, run_sync
 
 ALLOWED_DTYPES = ("float32", "float16", "bfloat16")
@@ -300,48 +299,13 @@ class DistributedWeightSync:
 # ------------------------------------------------------------------------------ the disk path
 
 
-def save_hf_safetensors(named_tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, *,
-                        config_dir: str | Path | None = None,
-                        max_shard_bytes: int = 4 << 30) -> Path:
-    """Write tensors as a Hugging Face safetensors checkpoint (sharded with an index if large)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.safetensors"):
-        old.unlink()
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in named_tensors:
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.detach().cpu().contiguous()
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / file), metadata={"format": "pt"})
-            weight_map.update({name: file for name in shard})
-        (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    if config_dir is not None:
-        for name in ("config.json", "generation_config.json"):
-            if (Path(config_dir) / name).exists():
-                shutil.copy(Path(config_dir) / name, out / name)
-    return out
-
-
 def update_weights_from_disk(clients: Sequence[RolloutClient],
                              named_tensors: Iterable[tuple[str, torch.Tensor]], *,
                              out_dir: str | Path, weight_version: str,
                              config_dir: str | Path | None = None,
                              pause_mode: str = "retract") -> Path:
     """Save the tensors under ``out_dir`` and have every server load them in place."""
-    path = save_hf_safetensors(named_tensors, out_dir, config_dir=config_dir)
+    path = write_hf_checkpoint(named_tensors, out_dir, config_dir=config_dir)
     for c in clients:
         run_sync(c.pause_generation(mode=pause_mode))
         try:

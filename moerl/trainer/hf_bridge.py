@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +44,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moerl.hf_io import INDEX_FILE, SINGLE_FILE, write_hf_checkpoint
 from moerl.trainer.model import MoEArchitecture
 from moerl.trainer.parallel import ParallelLayout, ProcessGroups
 
-_INDEX_FILE = "model.safetensors.index.json"
-_SINGLE_FILE = "model.safetensors"
 _MAX_LISTED = 12  # names listed per category in an error message
 
 
@@ -212,14 +210,14 @@ class _Checkpoint:
     def __init__(self, hf_dir: Path, stack: contextlib.ExitStack) -> None:
         from safetensors import safe_open
 
-        index = hf_dir / _INDEX_FILE
+        index = hf_dir / INDEX_FILE
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
-        elif (hf_dir / _SINGLE_FILE).exists():
-            with safe_open(hf_dir / _SINGLE_FILE, framework="pt") as f:
-                weight_map = {name: _SINGLE_FILE for name in f.keys()}
+        elif (hf_dir / SINGLE_FILE).exists():
+            with safe_open(hf_dir / SINGLE_FILE, framework="pt") as f:
+                weight_map = {name: SINGLE_FILE for name in f.keys()}
         else:
-            raise ValueError(f"{hf_dir} has neither {_SINGLE_FILE} nor {_INDEX_FILE}")
+            raise ValueError(f"{hf_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}")
         self.files = {name: hf_dir / file for name, file in weight_map.items()}
         self._handles = {file: stack.enter_context(safe_open(file, framework="pt"))
                          for file in sorted(set(self.files.values()))}
@@ -378,61 +376,15 @@ def save_hf_checkpoint(model: torch.nn.Module, arch: MoEArchitecture, layout: Pa
                        max_shard_bytes: int = 5 * 2**30) -> None:
     """Write the model as an HF checkpoint that ``transformers`` loads (collective).
 
-    Rank 0 writes ``model.safetensors`` (or numbered shards plus ``model.safetensors.index.json``
-    when larger than ``max_shard_bytes``) and copies every non-weight file of ``hf_config_dir``
-    (config.json, generation config, tokenizer files). Rank 0 holds one shard in memory at a time.
+    Rank 0 writes it with :func:`moerl.hf_io.write_hf_checkpoint` (one shard in memory at a
+    time, the non-weight files of ``hf_config_dir`` copied alongside); the other ranks take part
+    in the gathers only.
     """
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    is_writer = dist.get_rank() == 0
-    if is_writer:
-        out.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
-    weight_map: dict[str, int] = {}
-    bucket: dict[str, torch.Tensor] = {}
-    bucket_bytes = 0
-    for name, tensor in export_hf_weights(model, arch, layout, groups=groups, dtype=dtype):
-        if not is_writer:
-            continue
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and bucket_bytes + nbytes > max_shard_bytes:
-            files.append(out / f"model-part{len(files)}.safetensors")
-            save_file(bucket, files[-1], metadata={"format": "pt"})
-            bucket, bucket_bytes = {}, 0
-        bucket[name] = tensor.detach().to("cpu", copy=True).contiguous()
-        bucket_bytes += nbytes
-        weight_map[name] = len(files)
-    if is_writer:
-        files.append(out / f"model-part{len(files)}.safetensors")
-        save_file(bucket, files[-1], metadata={"format": "pt"})
-        _name_shards(out, files, weight_map)
-        _copy_non_weight_files(Path(hf_config_dir), out)
+    tensors = export_hf_weights(model, arch, layout, groups=groups, dtype=dtype)
+    if dist.get_rank() == 0:
+        write_hf_checkpoint(tensors, out_dir, config_dir=hf_config_dir,
+                            max_shard_bytes=max_shard_bytes)
+    else:
+        for _ in tensors:
+            pass
     dist.barrier(group=groups.world)
-
-
-def _name_shards(out: Path, files: list[Path], weight_map: dict[str, int]) -> None:
-    """Rename the parts to transformers' file names, writing the index when there are several."""
-    for stale in [*out.glob("model*.safetensors"), out / _INDEX_FILE]:
-        if stale not in files and stale.exists():
-            stale.unlink()  # a previous save into the same directory
-    if len(files) == 1:
-        files[0].rename(out / _SINGLE_FILE)
-        return
-    names = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
-    total = sum(f.stat().st_size for f in files)
-    for file, name in zip(files, names):
-        file.rename(out / name)
-    index = {"metadata": {"total_size": total},
-             "weight_map": {tensor: names[i] for tensor, i in weight_map.items()}}
-    (out / _INDEX_FILE).write_text(json.dumps(index, indent=2))
-
-
-def _copy_non_weight_files(src: Path, dst: Path) -> None:
-    if src.resolve() == dst.resolve():
-        return
-    weight_suffixes = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json",
-                       ".bin.index.json")
-    for file in src.iterdir():
-        if file.is_file() and not file.name.endswith(weight_suffixes):
-            shutil.copy2(file, dst / file.name)

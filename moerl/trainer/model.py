@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from moerl.rollout.protocol import MoeLayout
 from moerl.trainer.parallel import ParallelLayout
 
 
@@ -92,11 +93,10 @@ def architecture_from_hf(hf_config: Any) -> MoEArchitecture:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {supported}")
     spec = FAMILIES[family]
     num_layers = cfg["num_hidden_layers"]
-    mlp_only = set(cfg.get("mlp_only_layers") or [])
-    step = cfg.get("decoder_sparse_step", 1) or 1
-    # Qwen3-MoE's rule (modeling_qwen3_moe.Qwen3MoeDecoderLayer): MoE iff not listed as dense
-    # and (i + 1) % decoder_sparse_step == 0.
-    moe_layers = tuple(i not in mlp_only and (i + 1) % step == 0 for i in range(num_layers))
+    # Which layers are MoE is a per-family rule of the HF modelling code; the rollout protocol
+    # needs the same fact to validate routes, so both read it from one place.
+    moe_ids = set(MoeLayout.from_hf_config(cfg).moe_layers)
+    moe_layers = tuple(i in moe_ids for i in range(num_layers))
     rope = cfg.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
