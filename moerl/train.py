@@ -71,6 +71,10 @@ class Run:
 
 def train(run: Run, start_step: int) -> None:
     cfg = run.config
+    if start_step >= cfg.training.steps and run.is_driver:
+        log.warning("%s already holds a finished run (step %d of training.steps=%d): nothing to "
+                    "train; raise training.steps to continue it, or set training.out_dir for a "
+                    "new run", cfg.training.out_dir, start_step, cfg.training.steps)
     for step in range(start_step, cfg.training.steps):
         timer = StageTimer()
         with timer("eval"):
