@@ -28,6 +28,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,13 @@ from moerl.objective import Objective, compute_advantages, loss_mask, policy_los
 from moerl.tasks import Task, build_task
 from moerl.telemetry import StageTimer, Telemetry
 
+if TYPE_CHECKING:  # the trainer imports megatron, which takes seconds: only where it is used
+    from moerl.rollout_manager import RolloutManager
+    from moerl.trainer.actor import Actor
+    from moerl.trainer.critic import Critic
+    from moerl.trainer.model import MoEArchitecture
+    from moerl.trainer.parallel import ParallelLayout, ProcessGroups
+
 log = logging.getLogger("moerl")
 
 
@@ -49,15 +57,15 @@ class Run:
     """Everything one training process holds."""
 
     config: Config
-    layout: object
-    groups: object
-    arch: object
+    layout: ParallelLayout
+    groups: ProcessGroups
+    arch: MoEArchitecture
     task: Task | None  # None in DPO mode
     pad_id: int
-    actor: object
-    critic: object | None
+    actor: Actor
+    critic: Critic | None
     objective: Objective
-    rollout: object | None  # RolloutManager on rank 0, None elsewhere
+    rollout: RolloutManager | None  # on rank 0 of an RL run, None elsewhere
     checkpoints: CheckpointManager
     telemetry: Telemetry
 
