@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from moerl.algos import dynamic_sampling_keep, local_denominators, mismatch_metrics
+from moerl.algos import AGGREGATIONS, dynamic_sampling_keep, local_denominators
+from moerl.algos import mismatch_metrics, ptx_loss
 from moerl.batch import RolloutBatch, Sample, broadcast_batch, pack_samples
 from moerl.checkpoint import CheckpointManager
 from moerl.config import Config, ConfigError, add_cli_arguments, config_from_args
@@ -44,6 +45,7 @@ from moerl.telemetry import StageTimer, Telemetry
 
 if TYPE_CHECKING:  # the trainer imports megatron, which takes seconds: only where it is used
     from moerl.rollout_manager import RolloutManager
+    from moerl.tasks.pretrain import PretrainData
     from moerl.trainer.actor import Actor
     from moerl.trainer.critic import Critic
     from moerl.trainer.model import MoEArchitecture
@@ -66,6 +68,7 @@ class Run:
     critic: Critic | None
     objective: Objective
     rollout: RolloutManager | None  # on rank 0 of an RL run, None elsewhere
+    ptx: PretrainData | None  # PPO-ptx pretraining data (algorithm.ptx_coef > 0)
     checkpoints: CheckpointManager
     telemetry: Telemetry
 
@@ -268,7 +271,8 @@ def update_stage(run: Run, batch: RolloutBatch, step: int) -> dict:
                                    global_num_tokens=tokens, global_num_seqs=seqs)
 
             result, metrics = run.actor.train_step(
-                batch, mine, settings, loss_fn, with_entropy=run.objective.needs_entropy_grad)
+                batch, mine, settings, loss_fn, with_entropy=run.objective.needs_entropy_grad,
+                extra=_ptx_batch(run, step * 1000 + len(per_step), len(mine)))
             metrics = {k: v.item() for k, v in metrics.items()}
             metrics.update(grad_norm=result.grad_norm, skipped=float(not result.ok))
             if not result.ok:
@@ -282,6 +286,28 @@ def update_stage(run: Run, batch: RolloutBatch, step: int) -> dict:
     merged = {k: sum(m[k] for m in per_step) / len(per_step) for k in per_step[0]}
     merged["skipped"] = sum(m["skipped"] for m in per_step)
     return _mean_over_dp(run, merged)
+
+
+def _ptx_batch(run: Run, index: int, count: int):
+    """PPO-ptx (InstructGPT eq. 2): as many pretraining samples as RL samples on this rank,
+    with a token-mean language-model loss scaled by ptx_coef, in the same optimizer step."""
+    if run.ptx is None:
+        return None
+    batch = run.ptx.batch(index * run.layout.dp + run.layout.dp_rank, count,
+                          pad_multiple=run.layout.tp)
+    tokens = batch.response_mask_BT.sum().float()
+    if run.layout.dp > 1:
+        from megatron.core import parallel_state as ps
+
+        dist.all_reduce(tokens, group=ps.get_data_parallel_group())
+    coef = run.config.algorithm.ptx_coef
+
+    def loss_fn(mb, logprobs_BT, _entropy):
+        loss = AGGREGATIONS["token_mean"](ptx_loss(logprobs_BT, mb.response_mask_BT, coef=coef),
+                                          mb.response_mask_BT, global_num_tokens=tokens)
+        return loss, {"ptx_loss": loss.detach()}
+
+    return batch, loss_fn
 
 
 def _global_denominators(run: Run, batch: RolloutBatch, rows: torch.Tensor):
@@ -409,6 +435,12 @@ def setup(cfg: Config) -> tuple[Run, int]:
                         optim={**optim, "lr": cfg.algorithm.critic_lr},
                         value_clip=cfg.algorithm.value_clip)
     objective = Objective.from_config(cfg.algorithm, cfg.rollout)
+    ptx = None
+    if cfg.algorithm.ptx_coef > 0 and rl:
+        from moerl.tasks.pretrain import PretrainData
+
+        ptx = PretrainData(cfg.algorithm.ptx_path, tokenizer=task.tokenizer,
+                           max_len=arch.max_position_embeddings, seed=cfg.training.seed)
     checkpoints = CheckpointManager(out_dir / "checkpoints", every=tr.checkpoint_every,
                                     final_step=tr.steps, layout=layout)
     start_step = 0
@@ -440,8 +472,8 @@ def setup(cfg: Config) -> tuple[Run, int]:
                           tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                           enabled=layout.rank == 0)
     run = Run(config=cfg, layout=layout, groups=groups, arch=arch, task=task, pad_id=pad_id,
-              actor=actor,
-              critic=critic, objective=objective, rollout=rollout, checkpoints=checkpoints,
+              actor=actor, critic=critic, objective=objective, rollout=rollout, ptx=ptx,
+              checkpoints=checkpoints,
               telemetry=telemetry)
     if start_step > 0 and rl:
         sync_stage(run, start_step)  # the server starts from hf_path: give it the restored policy

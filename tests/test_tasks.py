@@ -60,3 +60,56 @@ def test_read_jsonl_reports_line_numbers(tmp_path):
     path.write_text(json.dumps({"prompt": "1+1"}) + "\n")
     with pytest.raises(ValueError, match=r":1: missing field\(s\) \['answer'\]"):
         read_jsonl(path, ("prompt", "answer"))
+
+
+def _word_level_tokenizer(out_dir):
+    """A real HF fast tokenizer over a small word-level vocabulary, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>", "what", "is", "plus", "?", "the", "answer", "\\boxed{",
+             "}", *map(str, range(40))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def test_jsonl_math_task_with_a_real_hf_tokenizer(tmp_path):
+    from moerl.tasks.math_jsonl import HFTokenizer, MathJsonlTask
+
+    fast = _word_level_tokenizer(tmp_path)
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"what is {a} plus {b} ?", "answer": a + b})
+                            + "\n" for a in range(5) for b in range(5)))
+    task = MathJsonlTask(path=str(data), tokenizer=HFTokenizer(str(tmp_path)), eval_size=5,
+                         seed=1)
+    assert len(task.eval_set()) == 5
+    first = task.prompts(0, 4)
+    assert first == task.prompts(0, 4) and len({p.text for p in task.prompts(0, 20)}) == 20
+    prompt = first[0]
+    assert list(prompt.ids) == fast.encode(prompt.text)
+    right = fast.encode(f"the answer \\boxed{{ {prompt.answer} }}")
+    wrong = fast.encode(f"the answer \\boxed{{ {int(prompt.answer) + 1} }}")
+    assert task.reward(prompt, right) == 1.0
+    assert task.reward(prompt, wrong) == 0.0
+    assert task.reward(prompt, fast.encode(f"the answer is {prompt.answer}")) == 1.0
+
+
+def test_pretrain_data_batches_every_token(tmp_path):
+    from moerl.tasks.pretrain import PretrainData
+
+    path = tmp_path / "pre.jsonl"
+    path.write_text(json.dumps({"text": "12+3=15"}) + "\n" + json.dumps({"input_ids": [5, 6]})
+                    + "\n")
+    data = PretrainData(str(path), tokenizer=CharTokenizer(), max_len=64, seed=0)
+    batch = data.batch(0, 4, pad_multiple=2)
+    assert batch.batch_size == 4 and batch.seq_len % 2 == 0
+    lengths = batch.prompt_lengths_B + batch.response_lengths_B
+    assert batch.response_mask_BT.sum(-1).tolist() == (lengths - 1).tolist()
+    assert data.batch(0, 4, pad_multiple=2).tokens_BT.equal(batch.tokens_BT)  # deterministic
+    path.write_text(json.dumps({"input_ids": [5, 600]}) + "\n")
+    with pytest.raises(ValueError, match=r"pre.jsonl:1: token ids outside \[0, 64\)"):
+        PretrainData(str(path), tokenizer=CharTokenizer(), max_len=64, seed=0)

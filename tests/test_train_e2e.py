@@ -48,6 +48,25 @@ def test_preset_trains(preset, warm_model, tmp_path):
     assert (out / "checkpoints" / "step_000002" / "meta.json").exists()
 
 
+def test_ppo_ptx_trains(warm_model, tmp_path):
+    """PPO-ptx: a language-model loss on pretraining text joins every optimizer step."""
+    import json
+
+    from moerl.tasks.arithmetic import ArithmeticTask
+
+    ptx = tmp_path / "pretrain.jsonl"
+    task = ArithmeticTask(max_operand=30, seed=99)
+    ptx.write_text("".join(json.dumps({"text": p.text + p.answer}) + "\n"
+                           for p in task.prompts(0, 64)))
+    out = tmp_path / "run"
+    torchrun(["configs/ppo.yaml", *fast_overrides(
+        warm_model, out, **{"training.steps": 2, "algorithm.ptx_coef": 0.5,
+                            "algorithm.ptx_path": ptx})], timeout=420)
+    records = read_metrics(out)
+    assert all(finite(r["ptx_loss"]) and r["ptx_loss"] > 0 for r in records)
+    assert all(finite(r["critic/loss"]) for r in records)
+
+
 def test_dpo_trains(warm_model, tmp_path):
     from moerl.dpo import make_arithmetic_pairs
 

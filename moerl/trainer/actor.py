@@ -156,18 +156,34 @@ class Actor:
     # ------------------------------------------------------------------ training
 
     def train_step(self, batch: RolloutBatch, rows: torch.Tensor, settings: PassSettings,
-                   loss_fn: LossFn, *, with_entropy: bool, mask_on: bool | None = None):
+                   loss_fn: LossFn, *, with_entropy: bool, mask_on: bool | None = None,
+                   extra: tuple[RolloutBatch, LossFn] | None = None):
         """One optimizer step on ``rows`` (this rank's part of a mini-batch) in micro-batches.
 
         ``loss_fn(mb, logprobs_BT, entropy_BT)`` returns this micro-batch's share of the
-        mini-batch loss (global denominators) and detached metrics. Returns
-        ``(StepResult, metrics averaged over micro-batches)``.
+        mini-batch loss (global denominators) and detached metrics. ``extra`` is a second batch
+        with its own loss function that joins the same optimizer step (PPO-ptx's pretraining
+        batch: full vocabulary, natural routing). Returns ``(StepResult, metrics averaged over
+        micro-batches)``.
         """
         self.model.train()
         self.optimizer.zero_grad()
         mask_on = settings.keep_sampling_mask if mask_on is None else mask_on
         totals: dict[str, torch.Tensor] = {}
         count = 0
+        if extra is not None:
+            extra_batch, extra_loss_fn = extra
+            plain = PassSettings(temperature=1.0, keep_sampling_mask=False,
+                                 replay=ReplayMode.NONE,
+                                 micro_batch_size=settings.micro_batch_size)
+            for mb_rows in self._micro_batches(torch.arange(extra_batch.batch_size),
+                                               settings.micro_batch_size):
+                mb = extra_batch.select(mb_rows, pad_multiple=self.layout.tp).to(self.device)
+                logprobs, _ = self._logprobs(mb, plain, entropy=False, mask_on=False)
+                loss, metrics = extra_loss_fn(mb, logprobs, None)
+                loss.backward()
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + value.detach().float()
         for mb_rows in self._micro_batches(rows, settings.micro_batch_size):
             mb = batch.select(mb_rows, pad_multiple=self.layout.tp).to(self.device)
             routes = self._routes_for(mb, settings.replay, training=True)
@@ -189,8 +205,8 @@ class Actor:
                     (entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
             count += 1
         result = self.optimizer.step()
-        # Loss is a sum of shares, the rest are per-micro-batch means.
-        metrics = {k: (v if k == "loss" else v / max(count, 1)) for k, v in totals.items()}
+        # Losses are sums of shares, the rest are per-micro-batch means.
+        metrics = {k: (v if "loss" in k else v / max(count, 1)) for k, v in totals.items()}
         return result, metrics
 
     # ------------------------------------------------------------------ weights
