@@ -24,13 +24,20 @@ import torch
 
 from moerl.batch import Sample
 from moerl.rollout.client import RetryPolicy, RolloutClient, RolloutError, run_sync
-from moerl.rollout.protocol import MoeLayout
+from moerl.rollout.protocol import MoeLayout, WireFormatError
 from moerl.rollout.server import ServerHandle, launch_server
 from moerl.rollout.weight_sync import DistributedWeightSync, WeightSyncError
 from moerl.hf_io import write_hf_checkpoint
 from moerl.rollout.weight_sync import update_weights_from_disk
 
 log = logging.getLogger("moerl.rollout")
+
+# What a run loses when the server cannot return an optional extra.
+_WITHOUT = {
+    "routes": "routing-agreement telemetry is off",
+    "mask": "rollout_logprobs are full-vocabulary log-probs, so the mismatch telemetry, OPSM and "
+            "TIS do not see the sampler's truncation",
+}
 
 
 @dataclass(frozen=True)
@@ -55,13 +62,14 @@ class RolloutManager:
     def __init__(self, *, builtin: bool, url: str, api_key: str, engine_dtype: str,
                  concurrency: int, timeout_s: float, max_retries: int, seed: int,
                  sampling: SamplingSettings, layout: MoeLayout, return_routes: bool,
-                 return_mask: bool, require_mask: bool, sync_method: str, bucket_mb: int,
+                 require_routes: bool, return_mask: bool, require_mask: bool, sync_method: str,
+                 bucket_mb: int,
                  sync_address: str, sync_port: int, run_dir: Path, hf_config_dir: str,
                  max_batch_size: int = 64):
         self.builtin, self.url, self.api_key = builtin, url, api_key or None
         self.engine_dtype, self.seed, self.sampling = engine_dtype, seed, sampling
         self.layout, self.return_routes, self.return_mask = layout, return_routes, return_mask
-        self.require_mask = require_mask
+        self.require_routes, self.require_mask = require_routes, require_mask
         self.sync_method, self.bucket_bytes = sync_method, bucket_mb << 20
         self.sync_address = sync_address or ("127.0.0.1" if builtin else socket.getfqdn())
         self.sync_port = sync_port
@@ -79,35 +87,40 @@ class RolloutManager:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, weights_dir: str | Path, version: str) -> None:
-        """Start (builtin) or connect to the server, serving ``weights_dir`` as ``version``."""
+        """Start the built-in server on ``weights_dir`` as ``version``, or connect to an external
+        one (whose own version stands until the trainer's first weight push)."""
         self.version = version
         if self.builtin:
             self._launch(weights_dir, port=0)
         self.client = RolloutClient(self.url, api_key=self.api_key, concurrency=self.concurrency,
                                     timeout_s=self.timeout_s, retry=self.retry,
                                     layout=self.layout)
+        if not self.builtin:
+            self.version = run_sync(self.client.weight_version())  # replaced by the first push
         self._probe()
 
     def _probe(self) -> None:
-        """One short request, so that a server that cannot return what the run needs (routes
-        for keep-routing / telemetry, sampling masks for keep-sampling-mask) fails the run now,
-        before any training work, with the fix in the message."""
-        sample = run_sync(self.client.generate(
+        """Short requests before any training work: a server that cannot return what the run
+        needs fails the run now, with the client's explanation. Extras only wanted for telemetry
+        (routes without keep-routing, masks without keep-sampling-mask) are switched off with a
+        warning instead."""
+        self._probe_once(routes=False, mask=False)  # reachable and generating at all
+        for want in ("routes", "mask"):
+            if not getattr(self, f"return_{want}"):
+                continue
+            try:
+                self._probe_once(routes=want == "routes", mask=want == "mask")
+            except (RolloutError, WireFormatError) as err:
+                if getattr(self, f"require_{want}"):
+                    raise RuntimeError(f"the rollout server cannot serve this run: {err}") from err
+                log.warning("the rollout server does not return %s (%s): continuing without "
+                            "them; %s", want, err, _WITHOUT[want])
+                setattr(self, f"return_{want}", False)
+
+    def _probe_once(self, *, routes: bool, mask: bool) -> None:
+        run_sync(self.client.generate(
             [[0, 1]], n=1, sampling_params={**self.sampling.params(), "max_new_tokens": 1},
-            return_routes=self.return_routes, return_sampling_mask=self.return_mask))[0]
-        if self.return_routes and sample.routes_TLK is None:
-            raise RuntimeError("the rollout server returned no expert routes: start SGLang with "
-                               "--enable-return-routed-experts (launch/sglang_server.sh does)")
-        if self.return_mask and sample.mask_offsets_R1 is None:
-            if self.require_mask:
-                raise RuntimeError("the rollout server returned no sampling mask: SGLang returns "
-                                   "it only for a finite top_k <= --sampling-mask-max-tokens "
-                                   "(launch/sglang_server.sh sets it): add e.g. "
-                                   "--set rollout.top_k=50")
-            log.warning("the rollout server returns no sampling mask: rollout_logprobs will be "
-                        "full-vocabulary log-probs, so the mismatch telemetry, OPSM and TIS do "
-                        "not see the sampler's truncation")
-            self.return_mask = False
+            return_routes=routes, return_sampling_mask=mask))
 
     def _launch(self, weights_dir: str | Path, *, port: int) -> None:
         self.server = launch_server(

@@ -458,6 +458,7 @@ def setup(cfg: Config) -> tuple[Run, int]:
             engine_dtype=r.engine_dtype, concurrency=r.concurrency, timeout_s=r.timeout_s,
             max_retries=r.max_retries, seed=r.seed, sampling=sampling,
             layout=MoeLayout.from_hf_config(hf_path), return_routes=True,
+            require_routes=cfg.algorithm.routing_replay == "r3",
             # Whenever the sampler truncates, the behaviour policy is the truncated one: ask for
             # its support and log-probs even without keep-mask, so that rollout_logprobs (the
             # mismatch telemetry, OPSM, TIS) are what the engine really sampled with.
@@ -475,8 +476,11 @@ def setup(cfg: Config) -> tuple[Run, int]:
               actor=actor, critic=critic, objective=objective, rollout=rollout, ptx=ptx,
               checkpoints=checkpoints,
               telemetry=telemetry)
-    if start_step > 0 and rl:
-        sync_stage(run, start_step)  # the server starts from hf_path: give it the restored policy
+    if rl and (start_step > 0 or cfg.rollout.server == "external"):
+        # The built-in server starts from hf_path, which is the policy of a fresh run; after a
+        # resume, or with an external server whose weights the trainer cannot vouch for, the
+        # trainer's own weights go over first.
+        sync_stage(run, start_step)
     return run, start_step
 
 

@@ -153,3 +153,38 @@ def test_nonfinite_skip_and_reference_swap(warm_model):
     # The reference is the initial policy, swapped in and out of the one Megatron model.
     assert result["good_step"]["ref_is_initial"] and result["good_step"]["policy_moved"]
     assert result["good_step"]["weights_restored"]
+
+
+def _external_server(model, tmp_path, *extra):
+    from moerl.rollout.server import launch_server
+
+    return launch_server(model, port=0, api_key="k", num_threads=1, extra_args=extra,
+                         log_path=tmp_path / "server.log")
+
+
+def test_keep_routing_without_routes_from_the_server_fails_before_work(warm_model, tmp_path):
+    server = _external_server(warm_model, tmp_path, "--disable-return-routed-experts")
+    try:
+        out = tmp_path / "run"
+        proc = torchrun(["configs/grpo.yaml", "--keep-routing", *fast_overrides(
+            warm_model, out, **{"rollout.server": "external", "rollout.url": server.url,
+                                "rollout.api_key": "k"})], timeout=300, check=False)
+    finally:
+        server.stop()
+    assert proc.returncode != 0
+    assert "cannot serve this run" in proc.stderr and "--enable-return-routed-experts" in proc.stderr
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_telemetry_routes_are_optional_without_keep_routing(warm_model, tmp_path):
+    server = _external_server(warm_model, tmp_path, "--disable-return-routed-experts")
+    try:
+        out = tmp_path / "run"
+        proc = torchrun(["configs/grpo.yaml", *fast_overrides(
+            warm_model, out, **{"rollout.server": "external", "rollout.url": server.url,
+                                "rollout.api_key": "k", "training.steps": 1})], timeout=300)
+    finally:
+        server.stop()
+    assert "does not return routes" in proc.stderr
+    record = read_metrics(out)[0]
+    assert "routing/route_agreement" not in record and record["loss"] == record["loss"]

@@ -91,8 +91,11 @@ class RolloutServer:
     """The aiohttp application: request validation, auth, and the bridge to the engine thread."""
 
     def __init__(self, engine: Engine, *, api_key: str | None, max_request_bytes: int,
-                 weight_sync_timeout_s: float):
+                 weight_sync_timeout_s: float, return_routed_experts: bool = True):
         self.engine = engine
+        # Off: like SGLang without --enable-return-routed-experts, requests may ask for routes
+        # but responses carry none.
+        self.return_routed_experts = return_routed_experts
         self.api_key = api_key or None
         self.model_path = engine.model_dir
         self.max_request_bytes = max_request_bytes
@@ -228,7 +231,8 @@ class RolloutServer:
 
         reqs = [GenerationRequest(
             rid=it.rid, prompt_ids=it.prompt_ids, sampling=it.sampling,
-            return_logprob=it.return_logprob, return_routes=it.return_routes,
+            return_logprob=it.return_logprob,
+            return_routes=it.return_routes and self.return_routed_experts,
             routes_start_len=it.routes_start_len, return_mask=it.return_mask,
             mask_mode=it.mask_mode, compact=it.compact, done=resolver(f))
             for it, f in zip(items, futures)]
@@ -423,6 +427,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moerl.rollout.server", description=__doc__.split(
         "\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face MoE checkpoint directory")
+    p.add_argument("--disable-return-routed-experts", action="store_true",
+                   help="return no routes even when asked (as SGLang started without "
+                        "--enable-return-routed-experts)")
     p.add_argument("--exit-with-parent", type=int, default=0, metavar="PID",
                    help="shut down when the process PID (the launcher) exits")
     p.add_argument("--host", default="127.0.0.1")
@@ -465,7 +472,8 @@ async def _serve(args: argparse.Namespace) -> None:
     engine.start()
     server = RolloutServer(engine, api_key=args.api_key,
                            max_request_bytes=int(args.max_request_mb * (1 << 20)),
-                           weight_sync_timeout_s=args.weight_sync_timeout_s)
+                           weight_sync_timeout_s=args.weight_sync_timeout_s,
+                           return_routed_experts=not args.disable_return_routed_experts)
     runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
