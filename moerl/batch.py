@@ -213,28 +213,33 @@ def _pack_csr(samples: list[Sample], width: int) -> tuple[torch.Tensor, torch.Te
     return ids, offsets
 
 
-def broadcast_batch(batch: RolloutBatch | None, *, src: int, group=None) -> RolloutBatch:
-    """Send rank ``src``'s batch to every rank of ``group`` (tensors + a JSON header, no pickle)."""
+def broadcast_json(value, *, src: int, group=None):
+    """Rank ``src``'s JSON-serialisable ``value`` on every rank of ``group`` (bytes, no pickle)."""
     import json
 
     import torch.distributed as dist
 
-    if dist.get_rank() == src:
-        tensors = batch.tensors()
-        header = json.dumps({k: [str(v.dtype).removeprefix("torch."), list(v.shape)]
-                             for k, v in tensors.items()}).encode()
-        size = torch.tensor([len(header)], dtype=torch.long)
-    else:
-        size = torch.zeros(1, dtype=torch.long)
+    mine = dist.get_rank() == src
+    raw = json.dumps(value).encode() if mine else b""
+    size = torch.tensor([len(raw)], dtype=torch.long)
     dist.broadcast(size, src, group=group)
-    raw = (torch.frombuffer(bytearray(header), dtype=torch.uint8) if dist.get_rank() == src
+    buf = (torch.frombuffer(bytearray(raw), dtype=torch.uint8) if mine
            else torch.empty(int(size), dtype=torch.uint8))
-    dist.broadcast(raw, src, group=group)
-    spec = json.loads(bytes(raw.tolist()).decode())
+    dist.broadcast(buf, src, group=group)
+    return value if mine else json.loads(bytes(buf.tolist()).decode())
+
+
+def broadcast_batch(batch: RolloutBatch | None, *, src: int, group=None) -> RolloutBatch:
+    """Send rank ``src``'s batch to every rank of ``group`` (tensors + a JSON header, no pickle)."""
+    import torch.distributed as dist
+
+    mine = dist.get_rank() == src
+    tensors = batch.tensors() if mine else {}
+    spec = broadcast_json({k: [str(v.dtype).removeprefix("torch."), list(v.shape)]
+                           for k, v in tensors.items()}, src=src, group=group)
     out = {}
     for name, (dtype, shape) in spec.items():
-        t = (tensors[name].contiguous() if dist.get_rank() == src
-             else torch.empty(shape, dtype=getattr(torch, dtype)))
+        t = tensors[name].contiguous() if mine else torch.empty(shape, dtype=getattr(torch, dtype))
         dist.broadcast(t, src, group=group)
         out[name] = t
-    return batch if dist.get_rank() == src else RolloutBatch(**out)
+    return batch if mine else RolloutBatch(**out)

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from moerl.algos import AGGREGATIONS, dynamic_sampling_keep, local_denominators
 from moerl.algos import mismatch_metrics, ptx_loss
-from moerl.batch import RolloutBatch, Sample, broadcast_batch, pack_samples
+from moerl.batch import RolloutBatch, Sample, broadcast_batch, broadcast_json, pack_samples
 from moerl.checkpoint import CheckpointManager
 from moerl.config import Config, ConfigError, add_cli_arguments, config_from_args
 from moerl.config import describe_options, dump_yaml
@@ -356,16 +356,8 @@ def _pass_settings(run: Run):
 
 
 def _broadcast_metrics(run: Run, metrics: dict) -> dict:
-    """Rank 0's scalar metrics on every rank (JSON over a byte tensor, no pickle)."""
-    if run.layout.world == 1:
-        return metrics
-    raw = json.dumps(metrics).encode() if run.is_driver else b""
-    size = torch.tensor([len(raw)])
-    dist.broadcast(size, 0)
-    buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if run.is_driver else torch.empty(
-        int(size), dtype=torch.uint8)
-    dist.broadcast(buf, 0)
-    return json.loads(bytes(buf.tolist()).decode())
+    """Rank 0's scalar metrics on every rank."""
+    return metrics if run.layout.world == 1 else broadcast_json(metrics, src=0)
 
 
 def _mean_over_dp(run: Run, metrics: dict) -> dict:
@@ -395,7 +387,8 @@ def setup(cfg: Config) -> tuple[Run, int]:
         raise ConfigError(f"model.hf_path={cfg.model.hf_path} has no config.json; for the tiny "
                           f"default run `python -m moerl.warmstart --out {cfg.model.hf_path}` "
                           f"(launch/local.sh does this for you)")
-    arch = architecture_from_hf(json.loads((hf_path / "config.json").read_text()))
+    hf_config = json.loads((hf_path / "config.json").read_text())
+    arch = architecture_from_hf(hf_config)
     p = cfg.parallel
     try:
         validate_architecture_layout(arch, tp=p.tp, ep=p.ep, etp=p.etp)
@@ -414,7 +407,6 @@ def setup(cfg: Config) -> tuple[Run, int]:
     if task is not None and task.tokenizer.vocab_size > arch.vocab_size:
         raise ConfigError(f"task {t.name}'s tokenizer has {task.tokenizer.vocab_size} ids but "
                           f"the model's vocabulary has {arch.vocab_size}")
-    hf_config = json.loads((hf_path / "config.json").read_text())
     pad_id = task.tokenizer.pad_id if task is not None else (hf_config.get("pad_token_id") or 0)
     tr = cfg.training
     optim = dict(lr=tr.lr, weight_decay=tr.weight_decay, adam_beta1=tr.adam_beta1,
