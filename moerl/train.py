@@ -449,7 +449,7 @@ def setup(cfg: Config) -> tuple[Run, int]:
             builtin=r.server == "builtin", url=r.url, api_key=r.api_key,
             engine_dtype=r.engine_dtype, concurrency=r.concurrency, timeout_s=r.timeout_s,
             max_retries=r.max_retries, seed=r.seed, sampling=sampling,
-            layout=MoeLayout.from_hf_config(hf_path), return_routes=True,
+            layout=MoeLayout.from_hf_config(hf_config), return_routes=True,
             require_routes=cfg.algorithm.routing_replay == "r3",
             # Whenever the sampler truncates, the behaviour policy is the truncated one: ask for
             # its support and log-probs even without keep-mask, so that rollout_logprobs (the
