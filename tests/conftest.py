@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -12,3 +13,21 @@ def warm_model(tmp_path_factory):
     warm_start(out, task=ArithmeticTask(max_operand=30, seed=7), target_accuracy=0.25,
                log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread: the tiny model's matmuls are far too small for more, and on a shared
+    2-core machine extra OpenMP threads only spin. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random tiny Qwen3-MoE checkpoint (no warm start), one per test module."""
+    from moerl.tiny_model import create_tiny_hf_model
+
+    return create_tiny_hf_model(tmp_path_factory.mktemp("tiny"), seed=0)

@@ -12,18 +12,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def torchrun(args: list[str], *, timeout: float, nproc: int = 2, env: dict | None = None,
-             check: bool = True) -> subprocess.CompletedProcess:
-    """``torchrun --standalone -m moerl.train ARGS`` with a hard timeout (a hang fails)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "moerl.train", *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+def run(cmd: list[str], *, timeout: float, env: dict | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in the repository with a hard timeout (a hang fails), one OpenMP thread per
+    process, and none of an enclosing torchrun's rendezvous variables."""
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    full_env.update(OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+        raise AssertionError(f"{cmd[:6]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-6000:]}")
     return proc
+
+
+def torchrun(args: list[str], *, timeout: float, nproc: int = 2, env: dict | None = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --standalone -m moerl.train ARGS``."""
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={nproc}", "-m", "moerl.train", *args], timeout=timeout,
+               env=env, check=check)
 
 
 def read_metrics(out_dir: Path) -> list[dict]:

@@ -4,7 +4,6 @@ machine without CUDA (this repository's CI), run with ``pytest -m gpu`` where a 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 

@@ -12,24 +12,10 @@ import torch
 
 from moerl.rollout.client import RetryPolicy, RolloutClient, run_sync
 from moerl.rollout.server import launch_server
-from moerl.tiny_model import create_tiny_hf_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TEMPERATURE = 0.8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # The tiny model's matmuls are far too small for intra-op threads; on a shared 2-core machine
-    # extra OpenMP threads only spin. Restored afterwards for the rest of the session.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return create_tiny_hf_model(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
 @pytest.fixture(scope="module")

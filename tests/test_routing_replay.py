@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from e2e_util import REPO, run
 import torch
 
 from moerl.tiny_model import TINY_QWEN3_MOE
@@ -21,7 +19,6 @@ from moerl.trainer.routing_replay import (MegatronRoutes, RoutingReplay, pack_ro
                                           padding_routes, routes_to_megatron, routing_agreement,
                                           shard_routes)
 
-REPO = Path(__file__).resolve().parents[1]
 ARCH = architecture_from_hf({**TINY_QWEN3_MOE, "model_type": "qwen3_moe"})  # layer 0 dense
 
 
@@ -227,15 +224,6 @@ def test_routing_replay_refuses_a_second_model(isolated_instances):
 # ----------------------------------------------------------------------------- real models
 
 
-def _run(cmd: list[str], timeout: int) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
-    return proc.stdout
-
 
 def _results(stdout: str) -> list[dict]:
     prefix = "REPLAY_CHECKS_OK "
@@ -246,9 +234,8 @@ def _results(stdout: str) -> list[dict]:
 @pytest.mark.timeout(240)
 def test_replay_on_real_models_tp2_ep2():
     script = str(REPO / "tests/dist/replay_checks.py")
-    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node", "2", script, "--tp", "2", "--ep", "2"],
-               timeout=200)
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2", script, "--tp", "2", "--ep", "2"], timeout=200).stdout
     results = _results(out)
     assert sorted(r["rank"] for r in results) == [0, 1]
     for r in results:
@@ -259,7 +246,7 @@ def test_replay_on_real_models_tp2_ep2():
 
 @pytest.mark.timeout(240)
 def test_replay_on_real_models_tp1():
-    out = _run([sys.executable, str(REPO / "tests/dist/replay_checks.py"), "--tp", "1",
-                "--ep", "1"], timeout=200)
+    out = run([sys.executable, str(REPO / "tests/dist/replay_checks.py"), "--tp", "1",
+                "--ep", "1"], timeout=200).stdout
     (result,) = _results(out)
     assert result["norm_topk_False"]["exact_fraction"] == 1.0

@@ -4,26 +4,14 @@ Qwen3-MoE (fp32, same weights: log-probs within 1e-4 of HF transformers, every r
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from e2e_util import REPO, run
 
 from moerl.tiny_model import create_tiny_hf_model
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def _run(cmd: list[str], timeout: int) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
-    return proc.stdout
 
 
 def _json_lines(stdout: str) -> list[dict]:
@@ -33,9 +21,9 @@ def _json_lines(stdout: str) -> list[dict]:
 @pytest.mark.timeout(240)
 def test_parity_tp2_ep2_matches_hf(tmp_path):
     hf_dir = create_tiny_hf_model(tmp_path / "tiny", seed=5)
-    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node", "2", str(REPO / "tools/parity.py"), "--hf", str(hf_dir),
-                "--tp", "2", "--ep", "2", "--batch", "3", "--seq", "16"], timeout=200)
+                "--tp", "2", "--ep", "2", "--batch", "3", "--seq", "16"], timeout=200).stdout
     (result,) = _json_lines(out)  # rank 0 only
     assert (result["tp"], result["ep"], result["etp"], result["world"]) == (2, 2, 1, 2)
     assert result["max_abs_logp_diff"] <= 1e-4
@@ -45,10 +33,10 @@ def test_parity_tp2_ep2_matches_hf(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_bench_trainer_runs_and_masked_memory_tracks_kept_ids():
-    out = _run([sys.executable, str(REPO / "tools/bench_trainer.py"), "--rounds", "1",
+    out = run([sys.executable, str(REPO / "tools/bench_trainer.py"), "--rounds", "1",
                 "--hidden", "64", "--layers", "2", "--experts", "4", "--topk", "2",
                 "--expert-ffn", "32", "--model-vocab", "256", "--batch", "2", "--seq", "16",
-                "--tokens", "64", "--vocab", "4096", "--kept", "1", "8", "64"], timeout=100)
+                "--tokens", "64", "--vocab", "4096", "--kept", "1", "8", "64"], timeout=100).stdout
     (result,) = _json_lines(out)
     for clock in ("wall", "process_cpu"):
         medians = result["replay"][clock]["median_s"]

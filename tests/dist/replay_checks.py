@@ -216,7 +216,7 @@ def run_flavour(layout, groups, *, norm_topk_prob: bool) -> dict:
     assert torch.equal(rp.natural_routes_BTLK[:, :, 0], rec.routes_BTLK[:, :, 0])
     mr_rec = routes_to_megatron([rec.routes_BTLK[i] for i in range(batch)], seq_len=SEQ_LEN,
                                 arch=arch, layout=layout)
-    with torch.no_grad(), rr.replay(mr_rec) as rp_rec:
+    with torch.no_grad(), rr.replay(mr_rec):
         replay_logits = model(ids_BT, pos_BT, attention_mask=None)
     assert torch.equal(replay_logits, natural_logits)
     full_mask = torch.ones(batch, SEQ_LEN, dtype=torch.bool)
