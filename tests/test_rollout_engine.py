@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from moerl.rollout.engine import Engine, GenerationRequest, SamplingSpec
+from moerl.rollout.engine import Engine, GenerationRequest
+from moerl.rollout.sampler import SamplingSpec
+from moerl.rollout.schema import GenerateItem
 from moerl.rollout.weights import CheckpointWriter, iter_safetensors_dir
 from moerl.tiny_model import create_tiny_hf_model
 
@@ -39,9 +41,10 @@ class Collector:
             with self.cond:
                 self.outs[rid] = out
                 self.cond.notify_all()
-        return GenerationRequest(rid=rid, prompt_ids=prompt, sampling=sampling,
-                                 return_logprob=True, return_routes=True, routes_start_len=0,
-                                 return_mask=True, mask_mode="selected", compact=False, done=done)
+        item = GenerateItem(rid=rid, prompt_ids=prompt, sampling=sampling, return_logprob=True,
+                            return_routes=True, routes_start_len=0, return_mask=True,
+                            mask_mode="selected", compact=False)
+        return GenerationRequest(item=item, done=done)
 
     def wait(self, rids, timeout=120):
         with self.cond:

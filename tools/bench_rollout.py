@@ -66,7 +66,9 @@ def run_generate(model, prompts, sp, max_new) -> int:
 
 
 def run_engine(engine, prompts, sp, max_new) -> int:
-    from moerl.rollout.engine import GenerationRequest, SamplingSpec
+    from moerl.rollout.engine import GenerationRequest
+    from moerl.rollout.sampler import SamplingSpec
+    from moerl.rollout.schema import GenerateItem
 
     spec = SamplingSpec(temperature=sp["temperature"], top_k=sp["top_k"], top_p=sp["top_p"],
                         min_p=0.0, greedy=False, max_new_tokens=max_new,
@@ -78,9 +80,9 @@ def run_engine(engine, prompts, sp, max_new) -> int:
             outs.append(out)
             if len(outs) == len(prompts):
                 done.set()
-    engine.submit([GenerationRequest(
+    engine.submit([GenerationRequest(item=GenerateItem(
         rid=str(i), prompt_ids=p, sampling=spec, return_logprob=True, return_routes=True,
-        routes_start_len=0, return_mask=True, mask_mode="selected", compact=False, done=finished)
+        routes_start_len=0, return_mask=True, mask_mode="selected", compact=False), done=finished)
         for i, p in enumerate(prompts)])
     done.wait()
     return sum(len(o["output_ids"]) for o in outs)

@@ -49,24 +49,18 @@ from moerl.rollout.protocol import (
     encode_routed_experts,
     encode_routes_compact,
 )
-from moerl.rollout.sampler import SamplingSpec, sample_with_support
+from moerl.rollout.sampler import sample_with_support
+from moerl.rollout.schema import GenerateItem
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
 class GenerationRequest:
-    """One sequence to generate (one element of a /generate batch, after ``n`` expansion)."""
+    """One sequence to generate (one element of a /generate batch, after ``n`` expansion): the
+    validated request item and the engine's state for it."""
 
-    rid: str
-    prompt_ids: list[int]
-    sampling: SamplingSpec
-    return_logprob: bool
-    return_routes: bool
-    routes_start_len: int
-    return_mask: bool
-    mask_mode: str  # "selected" | "support"
-    compact: bool
+    item: GenerateItem
     done: Callable[[dict], None]  # called once, on the engine thread, with the output dict
     # Engine-owned state.
     generator: torch.Generator | None = None
@@ -83,7 +77,7 @@ class GenerationRequest:
 
     @property
     def sequence(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+        return self.item.prompt_ids + self.output_ids
 
 
 @dataclass
@@ -250,7 +244,7 @@ class Engine:
         """One loop iteration on the engine thread: inbox, aborts, commands, then one step."""
         self._waiting.extend(inbox)
         for rids, message in aborts:
-            self._abort_requests(lambda r: r.rid in rids, message)
+            self._abort_requests(lambda r: r.item.rid in rids, message)
         for fn, future in commands:
             if future.set_running_or_notify_cancel():
                 try:
@@ -270,7 +264,7 @@ class Engine:
                                  status_code=500, err_type="InternalServerError")
 
     def _new_generator(self, req: GenerationRequest) -> torch.Generator:
-        seed = req.sampling.seed
+        seed = req.item.sampling.seed
         if seed is None:
             seed = int(self._seed_rng.integers(0, 2**63 - 1))
         return torch.Generator().manual_seed(seed % (2**64))
@@ -363,7 +357,7 @@ class Engine:
             req.route_chunks = [prefills[seq].routes_PLK]
             req.cached_tokens = len(seq) if seq in first_use else 0
             first_use.add(seq)
-        done_now = [r.sampling.max_new_tokens == 0 for r in admitted]
+        done_now = [r.item.sampling.max_new_tokens == 0 for r in admitted]
         for req, now in zip(admitted, done_now):
             if now:
                 self._finish(req, {"type": "length", "length": 0})
@@ -424,7 +418,7 @@ class Engine:
     def _decode_step(self) -> None:
         B = len(self._running)
         input_ids_B1 = torch.tensor([[r.output_ids[-1]] for r in self._running], dtype=torch.long)
-        position_ids_B1 = torch.tensor([[len(r.prompt_ids) + len(r.output_ids) - 1]
+        position_ids_B1 = torch.tensor([[len(r.item.prompt_ids) + len(r.output_ids) - 1]
                                         for r in self._running], dtype=torch.long)
         self._mask_BS = torch.cat([self._mask_BS, torch.ones(B, 1, dtype=torch.bool)], dim=1)
         mask = self._mask_BS
@@ -446,7 +440,7 @@ class Engine:
         key = (self._batch_version, tuple(rows))
         if self._spec_cache is None or self._spec_cache[0] != key:
             reqs = [self._running[i] for i in rows]
-            specs = [r.sampling for r in reqs]
+            specs = [r.item.sampling for r in reqs]
             V = self.layout.vocab_size
             self._spec_cache = (key, {
                 "temperature_B": torch.tensor([s.temperature for s in specs]),
@@ -458,7 +452,7 @@ class Engine:
                 "need_top_p": any(s.top_p < 1.0 for s in specs),
                 "need_min_p": any(s.min_p > 0.0 for s in specs),
                 "any_greedy": any(s.greedy for s in specs),
-                "support_logprobs": any(r.return_mask and r.mask_mode == "support"
+                "support_logprobs": any(r.item.return_mask and r.item.mask_mode == "support"
                                         for r in reqs)})
         return self._spec_cache[1]
 
@@ -477,17 +471,17 @@ class Engine:
         kept_lp = None if out.kept_logprobs_M is None else out.kept_logprobs_M.numpy()
         finished: set[int] = set()
         for j, (row, req) in enumerate(zip(rows, reqs)):
-            if req.return_mask and kept_len[j] > self.sampling_mask_max_tokens:
+            if req.item.return_mask and kept_len[j] > self.sampling_mask_max_tokens:
                 # SGLang aborts with 400 and does not commit the sampled token.
                 self._finish(req, _mask_overflow(self.sampling_mask_max_tokens))
                 finished.add(row)
                 continue
             req.output_ids.append(tokens[j])
             req.full_logprobs.append(full[j])
-            if req.return_mask:
+            if req.item.return_mask:
                 lo, hi = bounds[j], bounds[j + 1]
                 req.mask_rows.append(kept_ids[lo:hi])
-                req.sampling_logprobs.append(kept_lp[lo:hi] if req.mask_mode == "support"
+                req.sampling_logprobs.append(kept_lp[lo:hi] if req.item.mask_mode == "support"
                                              else selected[j])
             reason = self._finish_reason(req, tokens[j])
             if reason is not None:
@@ -497,7 +491,7 @@ class Engine:
             self._keep_rows([i for i in range(len(self._running)) if i not in finished])
 
     def _finish_reason(self, req: GenerationRequest, token: int) -> dict | None:
-        spec = req.sampling
+        spec = req.item.sampling
         if token in spec.stop_token_ids or (not spec.ignore_eos and token in self.eos_token_ids):
             return {"type": "stop", "matched": token}
         if len(req.output_ids) >= spec.max_new_tokens:
@@ -511,23 +505,23 @@ class Engine:
         try:
             req.done(self._build_output(req, reason))
         except Exception:  # a broken callback must not take the engine down
-            logger.exception("result callback failed for request %s", req.rid)
+            logger.exception("result callback failed for request %s", req.item.rid)
 
     def _build_output(self, req: GenerationRequest, reason: dict) -> dict:
         """The /generate output in SGLang's shape (``BatchTokenIDOutput`` path: no ``text``)."""
         R = len(req.output_ids)
         spans = _weight_version_spans(req.version_events, self.weight_version, R)
         meta: dict[str, Any] = {
-            "id": req.rid, "finish_reason": reason, "prompt_tokens": len(req.prompt_ids),
+            "id": req.item.rid, "finish_reason": reason, "prompt_tokens": len(req.item.prompt_ids),
             "weight_version": spans[-1]["version"], "num_retractions": req.num_retractions,
         }
-        if req.return_logprob:
+        if req.item.return_logprob:
             meta["input_token_logprobs"] = []
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in
                                              zip(req.full_logprobs, req.output_ids)]
             meta["output_token_logprobs_length"] = R
-        if req.return_mask and R:
-            if req.compact:
+        if req.item.return_mask and R:
+            if req.item.compact:
                 meta["moerl_sampling_mask"] = encode_mask_compact(
                     req.mask_rows, vocab_size=self.layout.vocab_size)
             else:
@@ -538,9 +532,9 @@ class Engine:
         meta.update({"reasoning_tokens": 0, "completion_tokens": R,
                      "cached_tokens": req.cached_tokens, "weight_versions": spans,
                      "e2e_latency": time.monotonic() - req.arrival})
-        if req.return_routes and reason["type"] != "abort":
+        if req.item.return_routes and reason["type"] != "abort":
             routes_TLK = self._routes_of(req)
-            if req.compact:
+            if req.item.compact:
                 meta["moerl_routed_experts"] = encode_routes_compact(routes_TLK, self.layout)
             else:
                 meta["routed_experts"] = encode_routed_experts(routes_TLK)
@@ -550,9 +544,9 @@ class Engine:
         L, K = self.layout.num_hidden_layers, self.layout.top_k
         chunks = [c.reshape(-1, L, K) for c in req.route_chunks]
         routes_TLK = np.concatenate(chunks) if chunks else np.zeros((0, L, K), np.int32)
-        seqlen = len(req.prompt_ids) + len(req.output_ids)
+        seqlen = len(req.item.prompt_ids) + len(req.output_ids)
         # SGLang returns [start, seqlen - 1): the last token never went through the model.
-        start = min(req.routes_start_len, max(seqlen - 1, 0))
+        start = min(req.item.routes_start_len, max(seqlen - 1, 0))
         return routes_TLK[start:seqlen - 1]
 
     def _abort_requests(self, predicate: Callable[[GenerationRequest], bool], message: str, *,

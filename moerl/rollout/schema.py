@@ -59,7 +59,7 @@ class GenerateItem:
     return_routes: bool
     routes_start_len: int
     return_mask: bool
-    mask_mode: str
+    mask_mode: str  # "selected" | "support"
     compact: bool
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import concurrent.futures
 import json
 import logging
@@ -229,13 +230,9 @@ class RolloutServer:
                 loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(out))
             return done
 
-        reqs = [GenerationRequest(
-            rid=it.rid, prompt_ids=it.prompt_ids, sampling=it.sampling,
-            return_logprob=it.return_logprob,
-            return_routes=it.return_routes and self.return_routed_experts,
-            routes_start_len=it.routes_start_len, return_mask=it.return_mask,
-            mask_mode=it.mask_mode, compact=it.compact, done=resolver(f))
-            for it, f in zip(items, futures)]
+        if not self.return_routed_experts:
+            items = [dataclasses.replace(it, return_routes=False) for it in items]
+        reqs = [GenerationRequest(item=it, done=resolver(f)) for it, f in zip(items, futures)]
         self.engine.submit(reqs)
         try:
             outs = await asyncio.gather(*futures)
