@@ -64,6 +64,16 @@ def _prepare(
     return mask, advantages_BT, log_ratio_BT.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
 
 
+def _clipped_surrogate(
+    ratio: torch.Tensor, adv: torch.Tensor, *, eps_low: float, eps_high: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's pessimistic surrogate ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)`` and where
+    its clip is active, i.e. the gradient is cut: (loss, clipped_low, clipped_high). Any shape;
+    token ratios for PPO and GSPO-token, sequence ratios for GSPO."""
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high))
+    return loss, (adv < 0) & (ratio < 1.0 - eps_low), (adv > 0) & (ratio > 1.0 + eps_high)
+
+
 @torch.no_grad()
 def _clip_metrics(
     clipped_low_BT: torch.Tensor,
@@ -107,16 +117,10 @@ def ppo_clip_loss(
     if clip_ratio_c is not None and clip_ratio_c <= 1.0:
         raise ValueError(f"clip_ratio_c must be > 1, got {clip_ratio_c}")
     mask, adv_BT, log_ratio_BT = _prepare(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT)
-    ratio_BT = log_ratio_BT.exp()
-    unclipped_BT = -adv_BT * ratio_BT
-    clipped_BT = -adv_BT * ratio_BT.clamp(1.0 - eps_low, 1.0 + eps_high)
-    loss_BT = torch.maximum(unclipped_BT, clipped_BT)
-    metrics = _clip_metrics(
-        (adv_BT < 0) & (ratio_BT < 1.0 - eps_low),
-        (adv_BT > 0) & (ratio_BT > 1.0 + eps_high),
-        log_ratio_BT,
-        mask,
+    loss_BT, low_BT, high_BT = _clipped_surrogate(
+        log_ratio_BT.exp(), adv_BT, eps_low=eps_low, eps_high=eps_high
     )
+    metrics = _clip_metrics(low_BT, high_BT, log_ratio_BT, mask)
     if clip_ratio_c is not None:
         bound_BT = -adv_BT * clip_ratio_c
         dual_BT = (adv_BT < 0) & (loss_BT > bound_BT)
@@ -147,17 +151,12 @@ def gspo_loss(
     _check_eps(eps_low, eps_high)
     mask, adv_BT, log_ratio_BT = _prepare(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT)
     log_seq_ratio_B = seq_mean(log_ratio_BT, mask)
-    seq_ratio_B = log_seq_ratio_B.exp()
-    adv_B = seq_mean(adv_BT, mask)
-    seq_loss_B = torch.maximum(
-        -adv_B * seq_ratio_B, -adv_B * seq_ratio_B.clamp(1.0 - eps_low, 1.0 + eps_high)
+    seq_loss_B, low_B, high_B = _clipped_surrogate(
+        log_seq_ratio_B.exp(), seq_mean(adv_BT, mask), eps_low=eps_low, eps_high=eps_high
     )
     loss_BT = zero_masked(seq_loss_B[:, None].expand(mask.shape), mask)
     metrics = _clip_metrics(
-        ((adv_B < 0) & (seq_ratio_B < 1.0 - eps_low))[:, None].expand(mask.shape),
-        ((adv_B > 0) & (seq_ratio_B > 1.0 + eps_high))[:, None].expand(mask.shape),
-        log_ratio_BT,
-        mask,
+        low_B[:, None].expand(mask.shape), high_B[:, None].expand(mask.shape), log_ratio_BT, mask
     )
     return loss_BT, metrics
 
@@ -183,15 +182,10 @@ def gspo_token_loss(
     log_seq_ratio_B = seq_mean(log_ratio_BT, mask).detach()
     token_logprobs_BT = zero_masked(logprobs_BT, mask)
     ratio_BT = (log_seq_ratio_B[:, None] + token_logprobs_BT - token_logprobs_BT.detach()).exp()
-    loss_BT = torch.maximum(
-        -adv_BT * ratio_BT, -adv_BT * ratio_BT.clamp(1.0 - eps_low, 1.0 + eps_high)
+    loss_BT, low_BT, high_BT = _clipped_surrogate(
+        ratio_BT, adv_BT, eps_low=eps_low, eps_high=eps_high
     )
-    metrics = _clip_metrics(
-        (adv_BT < 0) & (ratio_BT < 1.0 - eps_low),
-        (adv_BT > 0) & (ratio_BT > 1.0 + eps_high),
-        log_ratio_BT,
-        mask,
-    )
+    metrics = _clip_metrics(low_BT, high_BT, log_ratio_BT, mask)
     return zero_masked(loss_BT, mask), metrics
 
 
