@@ -112,12 +112,10 @@ def _dp_pair_rows(run, num_rows: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _eval_accuracy(run, eval_batch: RolloutBatch, settings, beta: float) -> float:
-    saved_ref = eval_batch.ref_logprobs_BT
     rows = torch.arange(eval_batch.batch_size)
     eval_batch.old_logprobs_BT = None
     run.actor.compute_old_logprobs(eval_batch, rows, settings)
     _, metrics = _dpo_terms(eval_batch, eval_batch.old_logprobs_BT, beta)
-    eval_batch.ref_logprobs_BT = saved_ref
     return metrics["reward_accuracy"].item()
 
 

@@ -118,13 +118,11 @@ def train(run: Run, start_step: int) -> None:
 
 def rollout_stage(run: Run, step: int) -> tuple[RolloutBatch, dict]:
     """Rank 0 generates and scores; dynamic sampling refills; the batch goes to every rank."""
-    cfg = run.config
     batch, metrics = None, {}
     if run.is_driver:
         samples, metrics = _collect_samples(run, step)
         batch = pack_samples(samples, pad_id=run.pad_id,
                              pad_multiple=run.layout.tp, arch=run.arch)
-        _check_replay_inputs(cfg, batch)
     batch = broadcast_batch(batch, src=0, group=run.groups.world)
     metrics = _broadcast_metrics(run, metrics)
     return batch, metrics
@@ -178,16 +176,6 @@ def _keep_informative(samples: list[Sample]) -> list[Sample]:
     groups = torch.tensor([s.group_index for s in samples])
     keep = dynamic_sampling_keep(rewards, groups)
     return [s for s, k in zip(samples, keep.tolist()) if k]
-
-
-def _check_replay_inputs(cfg: Config, batch: RolloutBatch) -> None:
-    if cfg.algorithm.routing_replay == "r3" and batch.routes_BTLK is None:
-        raise RuntimeError("--keep-routing needs the rollout's expert routes, but the server "
-                           "returned none: start SGLang with --enable-return-routed-experts "
-                           "(launch/sglang_server.sh does)")
-    if cfg.algorithm.keep_sampling_mask and batch.kept_offsets_N1 is None:
-        raise RuntimeError("--keep-sampling-mask needs the sampler's kept sets, but the server "
-                           "returned none: enable sampling-mask return on the server")
 
 
 def _dp_rows(run: Run, num_rows: int) -> torch.Tensor:
