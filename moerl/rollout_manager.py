@@ -63,9 +63,8 @@ class RolloutManager:
                  concurrency: int, timeout_s: float, max_retries: int, seed: int,
                  sampling: SamplingSettings, layout: MoeLayout, return_routes: bool,
                  require_routes: bool, return_mask: bool, require_mask: bool, sync_method: str,
-                 bucket_mb: int,
-                 sync_address: str, sync_port: int, run_dir: Path, hf_config_dir: str,
-                 max_batch_size: int = 64):
+                 bucket_mb: int, sync_address: str, sync_port: int, run_dir: Path,
+                 hf_config_dir: str, max_batch_size: int = 64):
         self.builtin, self.url, self.api_key = builtin, url, api_key or None
         self.engine_dtype, self.seed, self.sampling = engine_dtype, seed, sampling
         self.layout, self.return_routes, self.return_mask = layout, return_routes, return_mask
