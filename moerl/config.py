@@ -72,6 +72,10 @@ class RolloutConfig:
     engine_dtype: Literal["float32", "bfloat16"] = "float32"
     """builtin server's dtype; bfloat16 against an fp32 trainer makes the engine/trainer mismatch
     that routing replay and the sampling mask address (as SGLang bf16 vs Megatron does)."""
+    engine_max_batch_size: int = 0
+    """builtin server: sequences decoded together (0: prompts_per_step * group_size, at most 256).
+    1 makes each request's output a pure function of weights, prompt and seed, whatever else the
+    server is doing: bitwise-reproducible runs and resumes, at the cost of throughput."""
     prompts_per_step: int = 8
     """Prompts per RL step (groups)."""
     group_size: int = 4
@@ -406,6 +410,8 @@ def validate(config: Config) -> None:
                         "--set rollout.top_p=0.9 or --set rollout.top_k=50, or drop the flag")
     if r.server == "external" and not r.url:
         problems.append("rollout.server=external needs rollout.url (e.g. http://host:30000)")
+    if r.engine_max_batch_size < 0:
+        problems.append("rollout.engine_max_batch_size must be >= 0 (0: automatic)")
     if r.group_size < 1 or r.prompts_per_step < 1 or r.max_new_tokens < 1:
         problems.append("rollout.group_size, prompts_per_step and max_new_tokens must be >= 1")
     if a.advantage in ("grpo", "dr_grpo", "rloo") and r.group_size < 2:

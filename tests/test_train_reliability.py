@@ -64,7 +64,10 @@ def _wait_for(predicate, proc, timeout, what):
 
 
 def test_resume_after_kill_reproduces_uninterrupted_run(warm_model, tmp_path):
-    extra = {"training.steps": 4, "training.checkpoint_every": 2, "training.eval_every": 2}
+    # With the server decoding one sequence at a time its outputs do not depend on which
+    # requests happen to arrive together, so the whole run is reproducible bit for bit.
+    extra = {"training.steps": 4, "training.checkpoint_every": 2, "training.eval_every": 2,
+             "rollout.engine_max_batch_size": 1}
     straight = tmp_path / "straight"
     torchrun(["configs/grpo.yaml", *fast_overrides(warm_model, straight, **extra)], timeout=420)
 
@@ -81,19 +84,11 @@ def test_resume_after_kill_reproduces_uninterrupted_run(warm_model, tmp_path):
 
     a, b = read_metrics(straight), read_metrics(resumed)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4]
-    differing = {}
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
-        for key in ra:
-            if key.startswith(VOLATILE):
-                continue
-            diff = abs(ra[key] - rb[key])
-            assert diff <= 1e-6 * max(1.0, abs(ra[key])), (ra["step"], key, ra[key], rb[key])
-            if diff:
-                differing[key] = max(differing.get(key, 0.0), diff)
-    # The trainer itself is deterministic: only quantities that read the engine's log-probs
-    # (which depend on how the engine happened to batch concurrent requests) may differ.
-    assert all(k.startswith("mismatch/") for k in differing), differing
+        differing = {k: (ra[k], rb[k]) for k in ra
+                     if not k.startswith(VOLATILE) and ra[k] != rb[k]}
+        assert not differing, (ra["step"], differing)
 
 
 def test_rollout_server_death_loses_no_sample(warm_model, tmp_path):
