@@ -62,16 +62,26 @@ def _sequence_returns(token_rewards_BT: torch.Tensor, mask: torch.Tensor) -> tor
     return zero_masked(token_rewards_BT, mask).sum(-1)
 
 
-def _group_baseline(
+def _group_centred(
     scores_B: torch.Tensor, group_ids_B: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per sample: group mean, group sample std (0 for groups of one) and group size."""
+    """Per sample: ``R_i - mean_g R``, the group's sample std (0 for groups of one), group size.
+
+    The mean is taken of the shifts ``d_i = R_i - R_ref`` from one member of the group (its
+    minimum), not of the raw scores: a float mean of N equal, non-dyadic values (sixteen 0.7s in
+    float32) is one rounding step off them, which GRPO's ``/ (std + eps)`` blew up to |A| ~ 0.1-0.9
+    on a group that carries no signal. With the shift an all-equal group has ``d = 0`` exactly,
+    so its centred scores, its std and its advantages are exactly 0 in any dtype; for other
+    groups it is the classic shifted-data algorithm (less cancellation for large scores).
+    """
     inverse_B, num_groups = group_inverse(group_ids_B)
     count_G = group_sum(torch.ones_like(scores_B), inverse_B, num_groups)
-    mean_G = group_sum(scores_B, inverse_B, num_groups) / count_G
-    sq_dev_B = (scores_B - mean_G[inverse_B]) ** 2
-    var_G = group_sum(sq_dev_B, inverse_B, num_groups) / (count_G - 1).clamp(min=1)
-    return mean_G[inverse_B], var_G.sqrt()[inverse_B], count_G[inverse_B]
+    ref_G = torch.full((num_groups,), float("inf"), dtype=scores_B.dtype, device=scores_B.device)
+    ref_G = ref_G.scatter_reduce(0, inverse_B, scores_B, reduce="amin")
+    shift_B = scores_B - ref_G[inverse_B]
+    centred_B = shift_B - (group_sum(shift_B, inverse_B, num_groups) / count_G)[inverse_B]
+    var_G = group_sum(centred_B**2, inverse_B, num_groups) / (count_G - 1).clamp(min=1)
+    return centred_B, var_G.sqrt()[inverse_B], count_G[inverse_B]
 
 
 def _broadcast(adv_B: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -94,8 +104,8 @@ def grpo_advantages(
     mask = bool_mask(mask_BT, token_rewards_BT=token_rewards_BT)
     check_per_sample(mask, group_ids_B=group_ids_B)
     scores_B = _sequence_returns(token_rewards_BT, mask)
-    mean_B, std_B, count_B = _group_baseline(scores_B, group_ids_B)
-    adv_B = torch.where(count_B > 1, (scores_B - mean_B) / (std_B + eps), 0.0)
+    centred_B, std_B, count_B = _group_centred(scores_B, group_ids_B)
+    adv_B = torch.where(count_B > 1, centred_B / (std_B + eps), 0.0)
     return _broadcast(adv_B, mask)
 
 
@@ -111,8 +121,8 @@ def dr_grpo_advantages(
     mask = bool_mask(mask_BT, token_rewards_BT=token_rewards_BT)
     check_per_sample(mask, group_ids_B=group_ids_B)
     scores_B = _sequence_returns(token_rewards_BT, mask)
-    mean_B, _, _ = _group_baseline(scores_B, group_ids_B)
-    return _broadcast(scores_B - mean_B, mask)
+    centred_B, _, _ = _group_centred(scores_B, group_ids_B)
+    return _broadcast(centred_B, mask)
 
 
 @torch.no_grad()
@@ -126,9 +136,9 @@ def rloo_advantages(
     mask = bool_mask(mask_BT, token_rewards_BT=token_rewards_BT)
     check_per_sample(mask, group_ids_B=group_ids_B)
     scores_B = _sequence_returns(token_rewards_BT, mask)
-    mean_B, _, count_B = _group_baseline(scores_B, group_ids_B)
+    centred_B, _, count_B = _group_centred(scores_B, group_ids_B)
     scale_B = count_B / (count_B - 1).clamp(min=1)
-    adv_B = torch.where(count_B > 1, scale_B * (scores_B - mean_B), 0.0)
+    adv_B = torch.where(count_B > 1, scale_B * centred_B, 0.0)
     return _broadcast(adv_B, mask)
 
 
@@ -193,7 +203,8 @@ def reinforce_pp_baseline_advantages(
     """
     mask = bool_mask(mask_BT, token_rewards_BT=token_rewards_BT)
     check_per_sample(mask, group_ids_B=group_ids_B)
-    mean_B, _, _ = _group_baseline(_sequence_returns(token_rewards_BT, mask), group_ids_B)
+    scores_B = _sequence_returns(token_rewards_BT, mask)
+    mean_B = scores_B - _group_centred(scores_B, group_ids_B)[0]
     centred_BT = zero_masked(token_rewards_BT, mask) - outcome_token_rewards(mean_B, mask)
     return _whiten(_reverse_discounted_sum(centred_BT, mask, gamma), mask, eps)
 

@@ -1,0 +1,63 @@
+"""Regression tests for the independent review of ``moerl.algos`` (issue 10): each failed on the
+code the review read. The logged-loss fix (item 3) is tested at DP=2 in ``test_logged_loss_dp``."""
+
+import math
+
+import pytest
+import torch
+
+from moerl.algos.advantages import (
+    dr_grpo_advantages,
+    grpo_advantages,
+    outcome_token_rewards,
+    rloo_advantages,
+)
+
+GROUP_ESTIMATORS = {"grpo": grpo_advantages, "rloo": rloo_advantages, "dr_grpo": dr_grpo_advantages}
+
+
+def _equal_groups(values, group_size, dtype):
+    """One all-equal group per value, groups interleaved, responses of different lengths."""
+    num = len(values)
+    rewards_B = torch.tensor(values, dtype=torch.float64).repeat(group_size).to(dtype)
+    group_ids_B = torch.arange(num).repeat(group_size)
+    lengths_B = 1 + torch.arange(num * group_size) % 5
+    mask_BT = torch.arange(5)[None, :] < lengths_B[:, None]
+    return outcome_token_rewards(rewards_B, mask_BT), mask_BT, group_ids_B
+
+
+@pytest.mark.parametrize("name", sorted(GROUP_ESTIMATORS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", [2, 3, 7, 16, 64])
+def test_all_equal_group_gives_exactly_zero(name, dtype, group_size):
+    gen = torch.Generator().manual_seed(group_size)
+    values = [0.7, 0.1, 1 / 3, -2.3, 0.0, 1.0, 12.345, -7.77]
+    values += (torch.rand(48, generator=gen, dtype=torch.float64) * 20 - 10).tolist()
+    big = [1e4 + 0.1, -3.3e4 + 0.7] if dtype == torch.float16 else [1e6 + 0.1, 3.3e7 + 0.7,
+                                                                     -1e30 / 3]
+    token_rewards, mask, group_ids = _equal_groups(values + big, group_size, dtype)
+    adv = GROUP_ESTIMATORS[name](token_rewards, mask, group_ids)
+    assert torch.equal(adv, torch.zeros_like(adv)), adv[adv != 0][:8]
+
+
+@pytest.mark.parametrize("name", sorted(GROUP_ESTIMATORS))
+def test_group_of_sixteen_rewards_of_0_7(name):
+    # The review's case: float32 mean of sixteen 0.7s is one rounding step off; GRPO's division
+    # by (std + 1e-6) turned it into A = +0.106 on every sample.
+    token_rewards, mask, group_ids = _equal_groups([0.7], 16, torch.float32)
+    adv = GROUP_ESTIMATORS[name](token_rewards, mask, group_ids)
+    assert adv.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(GROUP_ESTIMATORS))
+def test_group_with_distinct_rewards_keeps_its_signal(name):
+    # The exact-zero path must not swallow groups that differ (even by one ulp of a large value).
+    rewards = torch.tensor([0.7, 0.7, 0.7, 0.7000001, 3e7, 3e7, 3e7, 3e7 + 2])
+    mask = torch.ones(8, 2, dtype=torch.bool)
+    group_ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    adv = GROUP_ESTIMATORS[name](outcome_token_rewards(rewards, mask), mask, group_ids)
+    per_seq = adv[:, -1]
+    assert (per_seq[[3, 7]] > 0).all() and (per_seq[[0, 1, 2, 4, 5, 6]] < 0).all()
+    if name == "grpo":  # 3 equal + 1 higher by 2 (float32 ulp at 3e7): mean +0.5, sample std 1
+        torch.testing.assert_close(per_seq[4:], torch.tensor([-0.5, -0.5, -0.5, 1.5]),
+                                   atol=1e-5, rtol=0)
