@@ -139,9 +139,9 @@ def policy_loss(mb: RolloutBatch, logprobs_BT: torch.Tensor, entropy_BT: torch.T
                                            low=obj.icepop_low, high=obj.icepop_high)
         loss_BT, metrics = loss_BT * weights_BT, metrics | extra
     if obj.opsm_delta >= 0:
-        keep_B, extra = off_policy_sequence_mask(logprobs_BT, mb.rollout_logprobs_BT,
-                                                 mb.advantages_BT, mask, delta=obj.opsm_delta)
-        loss_BT, metrics = loss_BT * keep_B[:, None], metrics | extra
+        keep_BT, extra = off_policy_sequence_mask(logprobs_BT, mb.rollout_logprobs_BT,
+                                                  mb.advantages_BT, mask, delta=obj.opsm_delta)
+        loss_BT, metrics = loss_BT * keep_BT, metrics | extra
     if obj.uses_ref and not obj.kl_in_reward:
         kl_BT = KL_ESTIMATORS[obj.kl_estimator](logprobs_BT, mb.ref_logprobs_BT, mask,
                                                 old_logprobs_BT=mb.old_logprobs_BT)

@@ -31,13 +31,14 @@ def test_off_policy_sequence_mask_hand_example():
     rollout = torch.tensor([[-1.0, -2.0, -INF], [-1.0, -2.0, 0.0], [-0.95] * 3, [INF] * 3])
     adv = torch.tensor([[-1.0, -1.0, NAN], [1.0, 1.0, 0.0], [-1.0] * 3, [NAN] * 3])
     keep, m = off_policy_sequence_mask(logprobs, rollout, adv, mask, delta=0.1)
-    assert keep.tolist() == [False, True, True, True]
+    assert keep.tolist() == [[False, False, True], [True] * 3, [True] * 3, [True] * 3]
     assert not keep.requires_grad
-    assert m["opsm_masked_frac"].item() == pytest.approx(1 / 3)
+    assert m["opsm_masked_frac"].item() == pytest.approx(2 / 7)  # 2 of 7 counted tokens
+    assert m["opsm_masked_seq_frac"].item() == pytest.approx(1 / 3)
     assert m["opsm_seq_kl"].item() == pytest.approx(0.15, abs=1e-6)
     # Dropping multiplies the loss, so the dropped row still counts in seq denominators.
-    loss = torch.ones(4, 3) * keep[:, None]
-    assert loss[0].sum() == 0 and loss[1].sum() == 3
+    loss = torch.ones(4, 3) * keep * mask
+    assert loss[0].sum() == 0 and loss[1].sum() == 2
 
 
 def test_tis_token_level():

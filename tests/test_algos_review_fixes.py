@@ -61,3 +61,20 @@ def test_group_with_distinct_rewards_keeps_its_signal(name):
     if name == "grpo":  # 3 equal + 1 higher by 2 (float32 ulp at 3e7): mean +0.5, sample std 1
         torch.testing.assert_close(per_seq[4:], torch.tensor([-0.5, -0.5, -0.5, 1.5]),
                                    atol=1e-5, rtol=0)
+
+
+def test_opsm_uses_the_per_token_advantage_sign():
+    # DeepSeek-V3.2 eq. 9: M_it = 0 iff A_it < 0 and the sequence's mean log(pi_rollout/pi_theta)
+    # exceeds delta. Row 0 drifted (statistic 0.2 > 0.1) and its GAE advantages change sign:
+    # mean advantage +0.33 > 0, but tokens 1 and 2 are negative and must be dropped; token 0
+    # (positive) and the undrifted row 1 (statistic 0.0) are kept whatever their signs.
+    from moerl.algos.corrections import off_policy_sequence_mask
+
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    rollout = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+    logprobs = torch.tensor([[-1.2, -1.2, -1.2], [-1.0, -1.0, -1.0]])
+    adv = torch.tensor([[2.0, -0.5, -0.5], [-1.0, 1.0, -1.0]])
+    keep, metrics = off_policy_sequence_mask(logprobs, rollout, adv, mask, delta=0.1)
+    assert keep.shape == (2, 3)
+    assert keep.tolist() == [[True, False, False], [True, True, True]]
+    assert metrics["opsm_masked_frac"].item() == pytest.approx(2 / 6)

@@ -8,9 +8,9 @@ Three log-prob sources meet here (STYLE rule 4): ``logprobs`` (pi_theta, being t
 engine sampled with: under keep-sampling-mask, the truncated renormalised distribution).
 
 How each result is applied (all weights and masks are detached):
-* ``off_policy_sequence_mask`` -> bool ``[B]``: multiply the *loss* (``loss_BT * keep_B[:, None]``)
-  so dropped sequences still count in the aggregation denominators, as in DeepSeek-V3.2's
-  objective where M_i sits inside ``1/G sum_i 1/|o_i| sum_t``.
+* ``off_policy_sequence_mask`` -> bool ``[B, T]``: multiply the *loss* (``loss_BT * keep_BT``)
+  so dropped tokens still count in the aggregation denominators, as in DeepSeek-V3.2's
+  objective where M_it sits inside ``1/G sum_i 1/|o_i| sum_t``.
 * ``truncated_importance_weights`` / ``icepop_weights`` -> ``[B, T]``: multiply the per-token loss.
 * ``overlong_filter`` -> a new loss mask: DAPO excludes truncated samples from the loss and from
   its token count.
@@ -46,15 +46,18 @@ def off_policy_sequence_mask(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Off-policy sequence masking (DeepSeek-V3.2, 2025, "Scaling GRPO", eq. 9).
 
-    ``M_i = 0`` iff ``A_i < 0`` and ``(1/|o_i|) sum_t log(pi_old(o_t) / pi_theta(o_t)) > delta``,
-    else 1: negative samples that the current policy has drifted far from are dropped, positive
-    ones never are. As the paper specifies, pi_old is the probability *returned by the inference
-    engine* (``rollout_logprobs``), so the test sees both the train/inference mismatch and the
-    staleness from earlier mini-batch steps. pi_theta enters detached: the mask is a decision, not
-    a differentiable term. ``A_i`` is the mean of ``advantages_BT`` over the response.
+    ``M_it = 0`` iff ``A_it < 0`` and ``(1/|o_i|) sum_t log(pi_old(o_t) / pi_theta(o_t)) > delta``,
+    else 1: the drift test is per sequence, the sign test per token, exactly as the paper writes
+    it with ``A_{i,t}``. For outcome advantages (constant over a response) this drops whole
+    negative sequences; with per-token advantages (GAE) only the negative tokens of a drifted
+    sequence are dropped. Positive tokens never are. As the paper specifies, pi_old is the
+    probability *returned by the inference engine* (``rollout_logprobs``), so the test sees both
+    the train/inference mismatch and the staleness from earlier mini-batch steps. pi_theta enters
+    detached: the mask is a decision, not a differentiable term.
 
-    Returns (keep_B bool, metrics): ``opsm_masked_frac`` (fraction of non-empty sequences
-    dropped) and ``opsm_seq_kl`` (mean per-sequence log-ratio statistic).
+    Returns (keep_BT bool, metrics): ``opsm_masked_frac`` (fraction of counted tokens dropped),
+    ``opsm_masked_seq_frac`` (fraction of non-empty sequences with a dropped token) and
+    ``opsm_seq_kl`` (mean per-sequence log-ratio statistic).
     """
     mask = bool_mask(
         mask_BT,
@@ -63,14 +66,15 @@ def off_policy_sequence_mask(
         advantages_BT=advantages_BT,
     )
     seq_kl_B = seq_mean(rollout_logprobs_BT - logprobs_BT.detach(), mask)
-    adv_B = seq_mean(advantages_BT, mask)
+    negative_BT = zero_masked(advantages_BT, mask) < 0
+    drop_BT = negative_BT & (seq_kl_B > delta)[:, None] & mask
     rows_B = nonempty_rows(mask)
-    drop_B = (adv_B < 0) & (seq_kl_B > delta) & rows_B
     metrics = {
-        "opsm_masked_frac": masked_mean(drop_B.float(), rows_B),
+        "opsm_masked_frac": masked_mean(drop_BT.float(), mask),
+        "opsm_masked_seq_frac": masked_mean(drop_BT.any(-1).float(), rows_B),
         "opsm_seq_kl": masked_mean(seq_kl_B, rows_B),
     }
-    return ~drop_B, metrics
+    return ~drop_BT, metrics
 
 
 @torch.no_grad()
