@@ -16,8 +16,9 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import types
 import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -109,8 +110,9 @@ class AlgorithmConfig:
     """Advantage estimator (moerl.algos.advantages); gae trains a critic (PPO)."""
     policy_loss: Literal["ppo_clip", "dual_clip", "gspo", "gspo_token", "cispo"] = "ppo_clip"
     """Policy loss (moerl.algos.policy_losses)."""
-    clip_eps_low: float = 0.2
-    """Lower clip 1 - eps_low (PPO 0.2; GSPO 3e-4)."""
+    clip_eps_low: float | None = 0.2
+    """Lower clip 1 - eps_low (PPO 0.2; GSPO 3e-4). null: no lower bound, which only CISPO's
+    weight truncation supports (MiniMax-M1 bounds the IS weight from above only)."""
     clip_eps_high: float = 0.2
     """Upper clip 1 + eps_high (DAPO clip-higher 0.28; GSPO 4e-4; CISPO's IS-weight cap)."""
     dual_clip_c: float = 3.0
@@ -134,8 +136,9 @@ class AlgorithmConfig:
     """TIS weight cap C."""
     icepop_low: float = 0.5
     """icepop: tokens with pi_old/pi_rollout below this get weight 0."""
-    icepop_high: float = 2.0
-    """icepop: tokens with pi_old/pi_rollout above this get weight 0."""
+    icepop_high: float = 5.0
+    """icepop: tokens with pi_old/pi_rollout above this get weight 0. 0.5 / 5 are IcePop's
+    alpha / beta (Ling team, "Every Step Evolves", Ring-1T, arXiv:2510.18855, sec. 3)."""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop groups whose rewards are all equal and refill the batch."""
     max_refill_rounds: int = 3
@@ -157,8 +160,6 @@ class AlgorithmConfig:
     """GAE lambda."""
     value_clip: float = 0.2
     """PPO value-function clip range."""
-    value_coef: float = 0.5
-    """Weight of the critic loss."""
     critic_lr: float = 5e-6
     """Critic learning rate (PPO)."""
     ptx_coef: float = 0.0
@@ -272,6 +273,11 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, inner, key)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -420,6 +426,10 @@ def validate(config: Config) -> None:
     if a.advantage == "gae" and a.policy_loss in ("gspo", "gspo_token"):
         problems.append("GSPO uses sequence-level advantages; use an outcome estimator "
                         "(grpo/dr_grpo/rloo), not gae")
+    if a.clip_eps_low is None and a.policy_loss != "cispo":
+        problems.append(f"algorithm.clip_eps_low=null (no lower bound) is CISPO's weight "
+                        f"truncation; policy_loss={a.policy_loss} clips the ratio on both sides: "
+                        f"set clip_eps_low (e.g. 0.2)")
     if a.kl_estimator == "none" and a.kl_coef:
         problems.append("algorithm.kl_coef is set but kl_estimator=none: choose k1/k2/k3/"
                         "k3_unbiased or set kl_coef=0")
@@ -515,10 +525,3 @@ def config_from_args(args: argparse.Namespace) -> Config:
                        routing_replay=args.routing_replay,
                        keep_sampling_mask=args.keep_sampling_mask)
 
-
-def with_overrides(config: Config, **sections: dict[str, Any]) -> Config:
-    """A copy of ``config`` with some fields replaced, validated (used by tools that run arms)."""
-    new = replace(config, **{name: replace(getattr(config, name), **values)
-                             for name, values in sections.items()})
-    validate(new)
-    return new

@@ -46,7 +46,7 @@ class Objective:
 
     advantage: str
     policy_loss: str
-    clip_eps_low: float
+    clip_eps_low: float | None
     clip_eps_high: float
     dual_clip_c: float
     aggregation: str

@@ -78,3 +78,85 @@ def test_opsm_uses_the_per_token_advantage_sign():
     assert keep.shape == (2, 3)
     assert keep.tolist() == [[True, False, False], [True, True, True]]
     assert metrics["opsm_masked_frac"].item() == pytest.approx(2 / 6)
+
+
+def _micro_batch(old_logprobs, rollout_logprobs, advantages):
+    """A one-row RolloutBatch whose response is every column (what the loss sees)."""
+    from moerl.batch import RolloutBatch
+
+    b, t = old_logprobs.shape
+    return RolloutBatch(
+        tokens_BT=torch.zeros(b, t, dtype=torch.long), targets_BT=torch.zeros(b, t, dtype=torch.long),
+        response_mask_BT=torch.ones(b, t, dtype=torch.bool),
+        prompt_lengths_B=torch.ones(b, dtype=torch.long),
+        response_lengths_B=torch.full((b,), t - 1, dtype=torch.long),
+        rollout_logprobs_BT=rollout_logprobs, truncated_B=torch.zeros(b, dtype=torch.bool),
+        group_ids_B=torch.arange(b), old_logprobs_BT=old_logprobs, advantages_BT=advantages)
+
+
+def _token_weights(cfg, old, rollout, adv, logprobs):
+    """d loss / d logprobs for a token_mean loss over the row: -weight * A / num_tokens."""
+    from moerl.objective import Objective, policy_loss
+
+    obj = Objective.from_config(cfg.algorithm, cfg.rollout)
+    mb = _micro_batch(old, rollout, adv)
+    logprobs = logprobs.clone().requires_grad_(True)
+    loss, metrics = policy_loss(mb, logprobs, None, obj, global_num_tokens=torch.tensor(4.0),
+                                global_num_seqs=torch.tensor(1.0))
+    loss.backward()
+    return -(logprobs.grad * 4 / adv), metrics
+
+
+def test_cispo_preset_has_no_lower_bound():
+    # MiniMax-M1 eq. 4: only the upper side of the IS weight is truncated. Ratios 0.5 and 0.01
+    # keep their weights (the old preset clipped them to 0.8); ratio 8 is cut at 1 + 5 = 6.
+    from moerl.config import load_config
+
+    cfg = load_config(["configs/cispo.yaml"])
+    assert cfg.algorithm.clip_eps_low is None
+    old = torch.zeros(1, 4)
+    logprobs = torch.log(torch.tensor([[0.5, 0.01, 1.0, 8.0]]))
+    w, _ = _token_weights(cfg, old, torch.zeros(1, 4), torch.ones(1, 4), logprobs)
+    torch.testing.assert_close(w, torch.tensor([[0.5, 0.01, 1.0, 6.0]]))
+
+
+def test_no_lower_bound_is_refused_where_the_loss_needs_one():
+    from moerl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="clip_eps_low"):
+        load_config(["configs/grpo.yaml"], ["algorithm.clip_eps_low=null"])
+
+
+def test_icepop_default_bounds_are_the_papers():
+    # IcePop (Ling team, Ring-1T, arXiv:2510.18855): M(k) = k on [0.5, 5], else 0. A token with
+    # pi_old / pi_rollout = 3 keeps weight 3 (the old config default high = 2 dropped it);
+    # ratios 6 and 0.4 are masked.
+    from moerl.config import load_config
+
+    cfg = load_config(overrides=["algorithm.rollout_correction=icepop",
+                                 "algorithm.aggregation=token_mean"])
+    ratios = torch.tensor([[3.0, 6.0, 0.4, 1.0]])
+    w, _ = _token_weights(cfg, ratios.log(), torch.zeros(1, 4), torch.ones(1, 4),
+                          ratios.log())
+    torch.testing.assert_close(w, torch.tensor([[3.0, 0.0, 0.0, 1.0]]))
+
+
+def test_every_algorithm_field_is_read():
+    # algorithm.value_coef was documented and never read (the critic has its own optimizer).
+    import dataclasses
+    import pathlib
+    import re
+
+    from moerl.config import AlgorithmConfig, ConfigError, load_config
+    from moerl.objective import Objective
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    sources = "\n".join(p.read_text() for p in [*root.glob("moerl/**/*.py"),
+                                                 *root.glob("tools/*.py")]
+                        if p.name != "config.py")
+    via_objective = {f.name for f in dataclasses.fields(Objective)}
+    unread = [f.name for f in dataclasses.fields(AlgorithmConfig)
+              if f.name not in via_objective and not re.search(rf"\.{f.name}\b", sources)]
+    assert unread == []
+    with pytest.raises(ConfigError, match="value_coef"):
+        load_config(overrides=["algorithm.value_coef=0.5"])
