@@ -63,7 +63,7 @@ def _dpo_terms(mb: RolloutBatch, logprobs_BT: torch.Tensor, beta: float):
 
 def train_dpo(run, start_step: int) -> None:
     from moerl.telemetry import StageTimer
-    from moerl.train import _mean_over_dp, _pass_settings
+    from moerl.train import _pass_settings, _reduce_over_dp
 
     cfg = run.config
     pairs = load_pairs(cfg.task.path, cfg.model.hf_path)
@@ -100,7 +100,7 @@ def train_dpo(run, start_step: int) -> None:
         metrics.update(grad_norm=result.grad_norm, skipped=float(not result.ok))
         if cfg.training.eval_every and (step + 1) % cfg.training.eval_every == 0:
             metrics["eval/reward_accuracy"] = _eval_accuracy(run, eval_batch, settings, beta)
-        run.telemetry.log(step, {**_mean_over_dp(run, metrics), **timer.metrics()})
+        run.telemetry.log(step, {**_reduce_over_dp(run, metrics), **timer.metrics()})
         if run.checkpoints.due(step + 1):
             run.checkpoints.save(step + 1, run)
 

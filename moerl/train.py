@@ -260,7 +260,7 @@ def update_stage(run: Run, batch: RolloutBatch, step: int) -> dict:
 
             result, metrics = run.actor.train_step(
                 batch, mine, settings, loss_fn, with_entropy=run.objective.needs_entropy_grad,
-                extra=_ptx_batch(run, step * 1000 + len(per_step), len(mine)))
+                extra=_ptx_batch(run, step * 1000 + len(per_step), len(mini)))
             metrics = {k: v.item() for k, v in metrics.items()}
             metrics.update(grad_norm=result.grad_norm, skipped=float(not result.ok))
             if not result.ok:
@@ -273,21 +273,18 @@ def update_stage(run: Run, batch: RolloutBatch, step: int) -> dict:
             per_step.append(metrics)
     merged = {k: sum(m[k] for m in per_step) / len(per_step) for k in per_step[0]}
     merged["skipped"] = sum(m["skipped"] for m in per_step)
-    return _mean_over_dp(run, merged)
+    return _reduce_over_dp(run, merged)
 
 
 def _ptx_batch(run: Run, index: int, count: int):
-    """PPO-ptx (InstructGPT eq. 2): as many pretraining samples as RL samples on this rank,
+    """PPO-ptx (InstructGPT eq. 2): as many pretraining samples as the mini-batch has RL samples,
+    split over data-parallel ranks like the RL rows (so the run does not depend on the DP size),
     with a token-mean language-model loss scaled by ptx_coef, in the same optimizer step."""
     if run.ptx is None:
         return None
-    batch = run.ptx.batch(index * run.layout.dp + run.layout.dp_rank, count,
-                          pad_multiple=run.layout.tp)
-    tokens = batch.response_mask_BT.sum().float()
-    if run.layout.dp > 1:
-        from megatron.core import parallel_state as ps
-
-        dist.all_reduce(tokens, group=ps.get_data_parallel_group())
+    full = run.ptx.batch(index, count, pad_multiple=run.layout.tp)
+    batch = full.select(_dp_rows(run, full.batch_size), pad_multiple=run.layout.tp)
+    tokens = full.response_mask_BT.sum().float()
     coef = run.config.algorithm.ptx_coef
 
     def loss_fn(mb, logprobs_BT, _entropy):
@@ -348,7 +345,10 @@ def _broadcast_metrics(run: Run, metrics: dict) -> dict:
     return metrics if run.layout.world == 1 else broadcast_json(metrics, src=0)
 
 
-def _mean_over_dp(run: Run, metrics: dict) -> dict:
+def _reduce_over_dp(run: Run, metrics: dict) -> dict:
+    """Metrics of the whole data-parallel group. Keys containing ``loss`` are this rank's share
+    of a loss with global denominators (``Actor.train_step``'s convention): they are summed, so
+    the logged loss is the true loss at any DP size. Every other metric is averaged."""
     if run.layout.dp == 1:
         return metrics
     from megatron.core import parallel_state as ps
@@ -356,7 +356,7 @@ def _mean_over_dp(run: Run, metrics: dict) -> dict:
     keys = sorted(metrics)
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
     dist.all_reduce(values, group=ps.get_data_parallel_group())
-    return {k: v / run.layout.dp for k, v in zip(keys, values.tolist())}
+    return {k: v if "loss" in k else v / run.layout.dp for k, v in zip(keys, values.tolist())}
 
 
 # ============================================================================ set-up
