@@ -62,7 +62,7 @@ _PER_SAMPLE = ("group_ids_B", "rewards_B", "truncated_B", "prompt_lengths_B", "r
                "scores_B")
 _PER_TOKEN = ("tokens_BT", "targets_BT", "response_mask_BT", "rollout_logprobs_BT",
               "ref_logprobs_BT", "old_logprobs_BT", "values_BT", "advantages_BT", "returns_BT",
-              "token_rewards_BT")
+              "token_rewards_BT", "rollout_is_weights_BT")
 _PER_TOKEN_EXTRA = ("routes_BTLK", "trainer_routes_BTLK")  # [B, T, L_moe, K]
 
 
@@ -101,6 +101,7 @@ class RolloutBatch:
     token_rewards_BT: torch.Tensor | None = None
     advantages_BT: torch.Tensor | None = None
     returns_BT: torch.Tensor | None = None
+    rollout_is_weights_BT: torch.Tensor | None = None  # float32, rollout correction (detached)
 
     @property
     def batch_size(self) -> int:

@@ -38,8 +38,10 @@ class ModelConfig:
     """Hugging Face checkpoint directory (config.json + safetensors) that initialises the actor."""
     ref_path: str = ""
     """Reference-policy checkpoint for the KL term; empty = the initial actor weights."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Trainer parameter dtype (Megatron keeps fp32 main weights in the optimizer under bf16)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Trainer parameter dtype. bf16/fp16 keep fp32 main weights in Megatron's optimizer; fp16
+    adds its dynamic loss scaling (a step whose scaled gradients overflow is skipped and the
+    scale halved). Mixed precision needs CUDA (megatron-core's mixed-precision optimizer)."""
     recompute: bool = False
     """Full activation recomputation, one layer at a time (routing replay then uses the
     replay-backward list of megatron's RouterReplay)."""
@@ -70,9 +72,11 @@ class RolloutConfig:
     """Base URL of an external rollout server, e.g. http://10.0.0.5:30000."""
     api_key: str = ""
     """API key for the server's mutating endpoints (builtin: generated if empty)."""
-    engine_dtype: Literal["float32", "bfloat16"] = "float32"
+    engine_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """builtin server's dtype; bfloat16 against an fp32 trainer makes the engine/trainer mismatch
-    that routing replay and the sampling mask address (as SGLang bf16 vs Megatron does)."""
+    that routing replay and the sampling mask address (as SGLang bf16 vs Megatron does); float16
+    rollouts shrink it (10 mantissa bits against bf16's 7). An external SGLang server takes its
+    dtype from its launch (DTYPE=float16 launch/sglang_server.sh)."""
     engine_max_batch_size: int = 0
     """builtin server: sequences decoded together (0: prompts_per_step * group_size, at most 256).
     1 makes each request's output a pure function of weights, prompt and seed, whatever else the
@@ -130,15 +134,26 @@ class AlgorithmConfig:
     """Entropy bonus coefficient (subtracted from the loss)."""
     opsm_delta: float = -1.0
     """Off-policy sequence masking threshold delta (DeepSeek-V3.2); < 0 disables it."""
-    rollout_correction: Literal["none", "tis", "icepop"] = "none"
-    """Train/rollout mismatch correction: truncated importance sampling or icepop masking."""
-    tis_cap: float = 2.0
-    """TIS weight cap C."""
-    icepop_low: float = 0.5
-    """icepop: tokens with pi_old/pi_rollout below this get weight 0."""
-    icepop_high: float = 5.0
-    """icepop: tokens with pi_old/pi_rollout above this get weight 0. 0.5 / 5 are IcePop's
-    alpha / beta (Ling team, "Every Step Evolves", Ring-1T, arXiv:2510.18855, sec. 3)."""
+    rollout_correction: Literal[
+        "none", "tis", "icepop", "token_truncate", "token_mask", "token_reject", "seq_truncate",
+        "seq_mask", "seq_reject", "geo_truncate", "geo_mask", "geo_reject"] = "none"
+    """Train/rollout mismatch correction (moerl.algos.rollout_correction): importance weights
+    pi_old / pi_rollout at token, sequence (product) or geometric-mean level, truncated to,
+    masked outside, or rejecting the whole sequence outside [low, high]. tis: token truncation
+    (Yao et al. 2025, C = 2); icepop: token mask on [0.5, 5] (Ling team 2025); seq_mask /
+    token_mask: MIS (Liu et al. 2025, C = 2); geo_mask: verl's geometric rejection sampling."""
+    rollout_correction_low: float | None = None
+    """Lower bound of the rollout-correction weight (0: none); null: the entry's own default."""
+    rollout_correction_high: float | None = None
+    """Upper bound of the rollout-correction weight; null: the entry's own default (its source's:
+    2 for TIS/MIS, 5 for icepop, 1.001 for the geometric entries)."""
+    rollout_correction_self_normalize: bool = False
+    """Divide the rollout-correction weights by their mean over the whole rollout batch (tokens at
+    token level, sequences otherwise), so they average to 1 (self-normalised IS)."""
+    bypass_old_logprobs: bool = False
+    """Bypass mode: use the rollout engine's log-probs as pi_old and skip the trainer's old-log-prob
+    forward (one forward pass per step saved; the PPO ratio then also absorbs the train/inference
+    mismatch, so rollout_correction must be none; no r2 replay, no routing-agreement telemetry)."""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop groups whose rewards are all equal and refill the batch."""
     max_refill_rounds: int = 3
@@ -430,6 +445,7 @@ def validate(config: Config) -> None:
         problems.append(f"algorithm.clip_eps_low=null (no lower bound) is CISPO's weight "
                         f"truncation; policy_loss={a.policy_loss} clips the ratio on both sides: "
                         f"set clip_eps_low (e.g. 0.2)")
+    problems += _bypass_problems(config)
     if a.kl_estimator == "none" and a.kl_coef:
         problems.append("algorithm.kl_coef is set but kl_estimator=none: choose k1/k2/k3/"
                         "k3_unbiased or set kl_coef=0")
@@ -462,6 +478,27 @@ def validate(config: Config) -> None:
             problems.append(f"parallel.{name} must be >= 1")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _bypass_problems(config: Config) -> list[str]:
+    """Combinations that bypass mode (engine log-probs as pi_old) cannot honour."""
+    r, a = config.rollout, config.algorithm
+    if not a.bypass_old_logprobs:
+        return []
+    problems = []
+    if a.routing_replay == "r2":
+        problems.append("algorithm.bypass_old_logprobs skips the old-log-prob pass that records "
+                        "the routes r2 replays: use routing_replay none or r3, or turn bypass off")
+    if a.rollout_correction != "none":
+        problems.append(f"algorithm.bypass_old_logprobs makes pi_old the rollout policy, so "
+                        f"rollout_correction={a.rollout_correction} would weigh every token by 1: "
+                        f"set rollout_correction=none or turn bypass off")
+    truncating = r.top_p < 1 or r.top_k > 0 or r.min_p > 0
+    if truncating and not a.keep_sampling_mask:
+        problems.append("algorithm.bypass_old_logprobs with a truncating sampler (top_p/top_k/"
+                        "min_p) uses the truncated distribution's log-probs as pi_old: turn on "
+                        "--keep-sampling-mask so pi_theta is computed over the same support")
+    return problems
 
 
 # --------------------------------------------------------------------------- docs and I/O

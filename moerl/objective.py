@@ -7,12 +7,17 @@ Order of the per-token terms for one micro-batch (every weight and mask is detac
 
     loss_t = w_t * M_i * policy_loss_t + beta * kl_t - c_H * H_t
 
-with ``w_t`` the rollout correction (TIS / icepop, from old vs rollout log-probs), ``M_i`` the
-off-policy sequence mask (DeepSeek-V3.2), then aggregated with global denominators so the sum
-over micro-batches and data-parallel ranks is the full mini-batch loss. Which pi_old each term
-uses: the policy ratio and the unbiased KL use ``old_logprobs`` (the trainer's recompute, the
-usual PPO choice, which under keep-routing/keep-mask matches the rollout's routing and support);
-OPSM and the rollout corrections use ``rollout_logprobs``, as their papers specify.
+with ``w_t`` the rollout correction (``moerl.algos.rollout_correction``: pi_old vs pi_rollout,
+computed once per rollout on the whole batch), ``M_it`` the off-policy sequence mask
+(DeepSeek-V3.2), then aggregated with global denominators so the sum over micro-batches and
+data-parallel ranks is the full mini-batch loss. Which pi_old each term uses: the policy ratio
+and the unbiased KL use ``old_logprobs`` (the trainer's recompute, the usual PPO choice, which
+under keep-routing/keep-mask matches the rollout's routing and support; in bypass mode they *are*
+the rollout's log-probs); OPSM and the rollout corrections use ``rollout_logprobs``, as their
+papers specify.
+
+Every algorithmic choice is a registry lookup with that registry's one call signature; this
+module never branches on an entry's name.
 """
 
 from __future__ import annotations
@@ -26,15 +31,13 @@ from moerl.algos import (
     AGGREGATIONS,
     KL_ESTIMATORS,
     POLICY_LOSSES,
+    ROLLOUT_CORRECTIONS,
     entropy_bonus_loss,
-    gae,
-    icepop_weights,
     kl_penalized_rewards,
     off_policy_sequence_mask,
     outcome_token_rewards,
     overlong_filter,
     soft_overlong_punishment,
-    truncated_importance_weights,
 )
 from moerl.algos._masked import masked_mean
 from moerl.batch import RolloutBatch
@@ -56,9 +59,10 @@ class Objective:
     entropy_coef: float
     opsm_delta: float
     rollout_correction: str
-    tis_cap: float
-    icepop_low: float
-    icepop_high: float
+    rollout_correction_low: float | None
+    rollout_correction_high: float | None
+    rollout_correction_self_normalize: bool
+    bypass_old_logprobs: bool
     overlong_filter: bool
     overlong_buffer: int
     overlong_penalty: float
@@ -74,7 +78,7 @@ class Objective:
 
     @property
     def uses_ref(self) -> bool:
-        return self.kl_estimator != "none" and self.kl_coef > 0
+        return self.kl_estimator in KL_ESTIMATORS and self.kl_coef > 0
 
     @property
     def needs_entropy_grad(self) -> bool:
@@ -110,13 +114,22 @@ def compute_advantages(batch: RolloutBatch, obj: Objective) -> None:
                                              batch.ref_logprobs_BT, mask, beta=obj.kl_coef,
                                              estimator=obj.kl_estimator)
     batch.token_rewards_BT = token_rewards
-    if obj.advantage == "gae":
-        batch.advantages_BT, batch.returns_BT = gae(token_rewards, batch.values_BT, mask,
-                                                    gamma=obj.gamma, lam=obj.lam)
-        return
-    kwargs = {"gamma": obj.gamma} if obj.advantage.startswith("reinforce_pp") else {}
-    batch.advantages_BT = ADVANTAGE_ESTIMATORS[obj.advantage](token_rewards, mask,
-                                                              batch.group_ids_B, **kwargs)
+    batch.advantages_BT, batch.returns_BT = ADVANTAGE_ESTIMATORS[obj.advantage](
+        token_rewards, mask, batch.group_ids_B, batch.values_BT, gamma=obj.gamma, lam=obj.lam)
+
+
+@torch.no_grad()
+def compute_rollout_weights(batch: RolloutBatch, obj: Objective) -> dict[str, float]:
+    """Fill ``rollout_is_weights_BT`` (the rollout correction) on the whole rollout batch and
+    return its metrics. pi_old and pi_rollout are fixed for the rollout, so the weights are
+    computed once; every data-parallel rank holds the whole batch, so a self-normalised weight's
+    denominator is the global one whatever the micro-batch and DP split."""
+    weights_BT, metrics = ROLLOUT_CORRECTIONS[obj.rollout_correction](
+        batch.old_logprobs_BT, batch.rollout_logprobs_BT, loss_mask(batch, obj),
+        low=obj.rollout_correction_low, high=obj.rollout_correction_high,
+        self_normalize=obj.rollout_correction_self_normalize)
+    batch.rollout_is_weights_BT = weights_BT
+    return {f"rollout_correction/{k}": v.item() for k, v in metrics.items()}
 
 
 def policy_loss(mb: RolloutBatch, logprobs_BT: torch.Tensor, entropy_BT: torch.Tensor | None,
@@ -124,20 +137,11 @@ def policy_loss(mb: RolloutBatch, logprobs_BT: torch.Tensor, entropy_BT: torch.T
                 global_num_seqs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This micro-batch's share of the mini-batch loss, and detached metrics."""
     mask = loss_mask(mb, obj)
-    kwargs = {"eps_low": obj.clip_eps_low, "eps_high": obj.clip_eps_high}
-    if obj.policy_loss == "dual_clip":
-        kwargs["clip_ratio_c"] = obj.dual_clip_c
-    loss_BT, metrics = POLICY_LOSSES[obj.policy_loss](logprobs_BT, mb.old_logprobs_BT,
-                                                      mb.advantages_BT, mask, **kwargs)
-    if obj.rollout_correction == "tis":
-        weights_BT, extra = truncated_importance_weights(mb.old_logprobs_BT,
-                                                         mb.rollout_logprobs_BT, mask,
-                                                         cap=obj.tis_cap)
-        loss_BT, metrics = loss_BT * weights_BT, metrics | extra
-    elif obj.rollout_correction == "icepop":
-        weights_BT, extra = icepop_weights(mb.old_logprobs_BT, mb.rollout_logprobs_BT, mask,
-                                           low=obj.icepop_low, high=obj.icepop_high)
-        loss_BT, metrics = loss_BT * weights_BT, metrics | extra
+    assert mb.rollout_is_weights_BT is not None, "compute_rollout_weights runs before the update"
+    loss_BT, metrics = POLICY_LOSSES[obj.policy_loss](
+        logprobs_BT, mb.old_logprobs_BT, mb.advantages_BT, mask, eps_low=obj.clip_eps_low,
+        eps_high=obj.clip_eps_high, dual_clip_c=obj.dual_clip_c)
+    loss_BT = loss_BT * mb.rollout_is_weights_BT
     if obj.opsm_delta >= 0:
         keep_BT, extra = off_policy_sequence_mask(logprobs_BT, mb.rollout_logprobs_BT,
                                                   mb.advantages_BT, mask, delta=obj.opsm_delta)

@@ -33,13 +33,14 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from moerl.algos import AGGREGATIONS, dynamic_sampling_keep, local_denominators
+from moerl.algos import AGGREGATIONS, CRITIC_ESTIMATORS, dynamic_sampling_keep, local_denominators
 from moerl.algos import mismatch_metrics, ptx_loss
 from moerl.batch import RolloutBatch, Sample, broadcast_batch, broadcast_json, pack_samples
 from moerl.checkpoint import CheckpointManager
 from moerl.config import Config, ConfigError, add_cli_arguments, config_from_args
 from moerl.config import describe_options, dump_yaml
-from moerl.objective import Objective, compute_advantages, loss_mask, policy_loss
+from moerl.objective import Objective, compute_advantages, compute_rollout_weights, loss_mask
+from moerl.objective import policy_loss
 from moerl.tasks import Task, build_task
 from moerl.telemetry import StageTimer, Telemetry
 
@@ -207,7 +208,16 @@ def reference_stage(run: Run, batch: RolloutBatch) -> None:
 
 
 def old_logprob_stage(run: Run, batch: RolloutBatch) -> dict:
-    """pi_old (routing per mode, keep-mask per flag), plus mismatch and routing telemetry."""
+    """pi_old (routing per mode, keep-mask per flag), mismatch and routing telemetry, and the
+    rollout-correction weights. In bypass mode pi_old is the engine's log-probs: no forward."""
+    if run.objective.bypass_old_logprobs:
+        batch.old_logprobs_BT = batch.rollout_logprobs_BT.clone()
+        return compute_rollout_weights(batch, run.objective)
+    metrics = _old_logprob_pass(run, batch)
+    return metrics | compute_rollout_weights(batch, run.objective)
+
+
+def _old_logprob_pass(run: Run, batch: RolloutBatch) -> dict:
     from moerl.trainer.routing_replay import routing_agreement
 
     rows = _dp_rows(run, batch.batch_size)
@@ -406,7 +416,7 @@ def setup(cfg: Config) -> tuple[Run, int]:
                   ref_path=cfg.model.ref_path, bf16=cfg.model.dtype == "bfloat16",
                   recompute=cfg.model.recompute, token_dispatcher=dispatcher, optim=optim)
     critic = None
-    if cfg.algorithm.advantage == "gae":
+    if cfg.algorithm.advantage in CRITIC_ESTIMATORS:
         from moerl.trainer.critic import Critic
 
         critic = Critic(arch=arch, layout=layout, groups=groups,

@@ -213,8 +213,13 @@ def test_registry_entries_shape_mask_and_garbage(name):
     clean = outcome_token_rewards(torch.randn(6), mask) + 0.01 * torch.randn(6, 4)
     clean = clean.masked_fill(~mask, 0.0)
     garbage = clean.masked_fill(~mask, float("nan"))
-    out_clean = ADVANTAGE_ESTIMATORS[name](clean, mask, group_ids)
-    out_garbage = ADVANTAGE_ESTIMATORS[name](garbage, mask.float(), group_ids)
+    values = torch.randn(6, 4)
+    out_clean, returns = ADVANTAGE_ESTIMATORS[name](clean, mask, group_ids, values,
+                                                    gamma=0.9, lam=0.95)
+    out_garbage, _ = ADVANTAGE_ESTIMATORS[name](garbage, mask.float(), group_ids,
+                                                values.masked_fill(~mask, float("inf")),
+                                                gamma=0.9, lam=0.95)
+    assert (returns is not None) == (name == "gae")
     assert out_clean.shape == mask.shape
     assert torch.isfinite(out_garbage).all()
     assert (out_garbage[~mask] == 0).all()

@@ -1,4 +1,4 @@
-"""OPSM, TIS, IcePop, mismatch telemetry, DAPO overlong handling and dynamic sampling."""
+"""OPSM, mismatch telemetry, DAPO overlong handling and dynamic sampling."""
 
 import math
 
@@ -7,12 +7,10 @@ import torch
 
 from moerl.algos.corrections import (
     dynamic_sampling_keep,
-    icepop_weights,
     mismatch_metrics,
     off_policy_sequence_mask,
     overlong_filter,
     soft_overlong_punishment,
-    truncated_importance_weights,
 )
 
 NAN, INF = float("nan"), float("inf")
@@ -39,44 +37,6 @@ def test_off_policy_sequence_mask_hand_example():
     # Dropping multiplies the loss, so the dropped row still counts in seq denominators.
     loss = torch.ones(4, 3) * keep * mask
     assert loss[0].sum() == 0 and loss[1].sum() == 2
-
-
-def test_tis_token_level():
-    # log(pi_old / pi_rollout) = [ln 3, ln 0.5, 0], cap 2 -> weights [2, 0.5, 1];
-    # 1 of 3 tokens truncated; mean weight 3.5 / 3. A garbage padding column stays 0.
-    old = torch.tensor([[math.log(3.0), math.log(0.5), 0.0, INF]])
-    rollout = torch.tensor([[0.0, 0.0, 0.0, NAN]])
-    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
-    w, m = truncated_importance_weights(old, rollout, mask, cap=2.0)
-    torch.testing.assert_close(w, torch.tensor([[2.0, 0.5, 1.0, 0.0]]))
-    assert m["tis_truncated_frac"].item() == pytest.approx(1 / 3)
-    assert m["tis_mean"].item() == pytest.approx(3.5 / 3)
-
-
-def test_tis_sequence_level():
-    # seq 0 ratios [1.5, 1.2] -> product 1.8 < 2, weight 1.8 on both tokens;
-    # seq 1 ratios [2, 2] -> product 4, capped at 2; seq 2 log-ratio 1e4 (exp overflows) -> 2.
-    old = torch.log(torch.tensor([[1.5, 1.2], [2.0, 2.0], [1.0, 1.0]]))
-    old[2, 0] = 1e4
-    mask = torch.tensor([[1, 1], [1, 1], [1, 0]], dtype=torch.bool)
-    w, m = truncated_importance_weights(old, torch.zeros(3, 2), mask, cap=2.0, level="sequence")
-    torch.testing.assert_close(w, torch.tensor([[1.8, 1.8], [2.0, 2.0], [2.0, 0.0]]))
-    assert m["tis_truncated_frac"].item() == pytest.approx(2 / 3)
-
-
-def test_icepop_double_sided_mask():
-    # k = [0.4, 0.5, 1.2, 5.0, 6.0] with [0.5, 5]: outside -> 0, inside -> k (paper's M(k)),
-    # boundaries included: [0, 0.5, 1.2, 5.0, 0]; 2 of 5 masked.
-    k = torch.tensor([[0.4, 0.5, 1.2, 5.0, 6.0, 1.0]])
-    mask = torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.bool)
-    old = torch.log(k)
-    old[0, 5] = INF
-    w, m = icepop_weights(old, torch.zeros(1, 6), mask, low=0.5, high=5.0)
-    torch.testing.assert_close(w, torch.tensor([[0.0, 0.5, 1.2, 5.0, 0.0, 0.0]]))
-    assert m["icepop_masked_frac"].item() == pytest.approx(0.4)
-    assert m["icepop_weight_mean"].item() == pytest.approx(6.7 / 5)
-    w, _ = icepop_weights(old, torch.zeros(1, 6), mask, low=0.5, high=5.0, reweight=False)
-    torch.testing.assert_close(w, torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0, 0.0]]))
 
 
 def test_mismatch_metrics():

@@ -14,12 +14,12 @@ from moerl.algos.policy_losses import (
     ppo_clip_loss,
 )
 
-KWARGS = {
-    "ppo_clip": {"eps_low": 0.2, "eps_high": 0.28},
-    "dual_clip": {"eps_low": 0.2, "eps_high": 0.28},
-    "gspo": {"eps_low": 3e-4, "eps_high": 4e-4},
-    "gspo_token": {"eps_low": 3e-4, "eps_high": 4e-4},
-    "cispo": {"eps_low": None, "eps_high": 0.28},
+KWARGS = {  # every entry takes the same keywords
+    "ppo_clip": {"eps_low": 0.2, "eps_high": 0.28, "dual_clip_c": 3.0},
+    "dual_clip": {"eps_low": 0.2, "eps_high": 0.28, "dual_clip_c": 3.0},
+    "gspo": {"eps_low": 3e-4, "eps_high": 4e-4, "dual_clip_c": 3.0},
+    "gspo_token": {"eps_low": 3e-4, "eps_high": 4e-4, "dual_clip_c": 3.0},
+    "cispo": {"eps_low": None, "eps_high": 0.28, "dual_clip_c": 3.0},
 }
 METRIC_KEYS = {"clipfrac_low", "clipfrac_high", "clipfrac", "seq_clipfrac", "ppo_kl"}
 

@@ -96,10 +96,11 @@ def _micro_batch(old_logprobs, rollout_logprobs, advantages):
 
 def _token_weights(cfg, old, rollout, adv, logprobs):
     """d loss / d logprobs for a token_mean loss over the row: -weight * A / num_tokens."""
-    from moerl.objective import Objective, policy_loss
+    from moerl.objective import Objective, compute_rollout_weights, policy_loss
 
     obj = Objective.from_config(cfg.algorithm, cfg.rollout)
     mb = _micro_batch(old, rollout, adv)
+    compute_rollout_weights(mb, obj)
     logprobs = logprobs.clone().requires_grad_(True)
     loss, metrics = policy_loss(mb, logprobs, None, obj, global_num_tokens=torch.tensor(4.0),
                                 global_num_seqs=torch.tensor(1.0))

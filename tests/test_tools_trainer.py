@@ -42,6 +42,10 @@ def test_bench_trainer_runs_and_masked_memory_tracks_kept_ids():
         medians = result["replay"][clock]["median_s"]
         assert set(medians) == {"natural", "r3_same_routes", "r3_random_routes"}
         assert all(t > 0 for t in medians.values())
+    for clock in ("wall", "process_cpu"):  # bypass mode saves the old-log-prob pass
+        bypass = result["bypass"][clock]
+        assert bypass["saved_s_per_step"] == bypass["median_s"]["old_logprob_pass"] > 0
+        assert 0 < bypass["saved_frac_of_old_pass_plus_update"] < 1
     rows = {row["kept_per_token"]: row for row in result["logprobs"]["rows"]}
     full_fwd = rows["all"]["peak_fwd_bytes"]
     # The unmasked forward holds one fp32 [N, V] temporary; the masked one only O(kept ids).

@@ -1,6 +1,6 @@
 """Trainer micro-benchmarks; prints one JSON object.
 
-    python tools/bench_trainer.py [--part replay|logprobs|all] [sizes...]
+    python tools/bench_trainer.py [--part replay|logprobs|bypass|all] [sizes...]
     torchrun --nproc_per_node N tools/bench_trainer.py --tp T --ep E ...   (optional)
 
 (a) ``replay``: one full training step (forward, vocab-parallel log-prob loss, backward) through
@@ -20,6 +20,12 @@
     storage dies (CPU), or by ``torch.cuda.max_memory_allocated`` on GPU. The backward's output
     (the ``[N, V]`` logits gradient) is reported separately: it is the gradient itself, not
     overhead, and it is the same with and without a mask.
+(c) ``bypass``: what ``algorithm.bypass_old_logprobs`` saves per RL step. Bypass mode takes the
+    engine's log-probs as pi_old and skips the old-log-prob pass: a no-grad forward that records
+    the natural routes and computes log-probs and entropy (``Actor.compute_old_logprobs``). The
+    part times that pass and one training step (forward + backward) on the replay model and
+    batch, alternating, and reports the median seconds saved per step (one old-log-prob pass over
+    the batch) and that saving as a fraction of old pass + update.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from torch.utils._pytree import tree_flatten
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="moerl trainer micro-benchmarks")
-    parser.add_argument("--part", choices=["replay", "logprobs", "all"], default="all")
+    parser.add_argument("--part", choices=["replay", "logprobs", "bypass", "all"], default="all")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=11, help="A/B rounds per variant")
@@ -102,11 +108,15 @@ def interleaved(variants: dict, rounds: int) -> tuple[dict, dict]:
 # ----------------------------------------------------------------------------- (a) replay
 
 
-def bench_replay(args, layout, groups) -> dict:
+def _bench_model(args, layout):
+    """The benchmark's random-init MoE (layer 0 dense), in training mode, and its architecture.
+    Megatron's RouterReplay instances are process-global: a part's model replaces the last's."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
     from moerl.tiny_model import TINY_QWEN3_MOE
-    from moerl.trainer.logprobs import vocab_parallel_logprobs
     from moerl.trainer.model import architecture_from_hf, build_gpt_model
-    from moerl.trainer.routing_replay import RoutingReplay, routes_to_megatron
+
+    RouterReplay.clear_global_router_replay_instances()
 
     heads = max(args.hidden // 64, 2)
     arch = architecture_from_hf({
@@ -116,13 +126,21 @@ def bench_replay(args, layout, groups) -> dict:
         "intermediate_size": 4 * args.hidden, "moe_intermediate_size": args.expert_ffn,
         "num_experts": args.experts, "num_experts_per_tok": args.topk,
         "vocab_size": args.model_vocab, "max_position_embeddings": max(args.seq, 512)})
-    device = _device()
     model = build_gpt_model(arch, layout, bf16=args.bf16, recompute=args.recompute)
     if args.bf16:
         from megatron.core.transformer.module import Float16Module
 
         model = Float16Module(model.config, model)
     model.train()
+    return model, arch
+
+
+def bench_replay(args, layout, groups) -> dict:
+    from moerl.trainer.logprobs import vocab_parallel_logprobs
+    from moerl.trainer.routing_replay import RoutingReplay, routes_to_megatron
+
+    model, arch = _bench_model(args, layout)
+    device = _device()
     replay = RoutingReplay(arch, layout, tp_group=groups.tp)
     gen = torch.Generator().manual_seed(args.seed)
     b, s = args.batch, args.seq
@@ -169,6 +187,45 @@ def bench_replay(args, layout, groups) -> dict:
         "wall": summarize(wall, baseline="natural"),
         "process_cpu": summarize(cpu, baseline="natural"),
     }
+
+
+def bench_bypass(args, layout, groups) -> dict:
+    from moerl.trainer.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
+    from moerl.trainer.routing_replay import RoutingReplay
+
+    model, arch = _bench_model(args, layout)
+    device = _device()
+    replay = RoutingReplay(arch, layout, tp_group=groups.tp)
+    gen = torch.Generator().manual_seed(args.seed)
+    b, s = args.batch, args.seq
+    ids_BS = torch.randint(0, arch.vocab_size, (b, s), generator=gen).to(device)
+    pos_BS = torch.arange(s, device=device).expand(b, s)
+    targets_N = ids_BS[:, 1:].reshape(-1)
+
+    def logits_NV():
+        logits_BSV = model(ids_BS, pos_BS, attention_mask=None)
+        return logits_BSV[:, :-1].reshape(-1, logits_BSV.shape[-1])
+
+    def old_logprob_pass():
+        # What the trainer's old-log-prob pass does per micro-batch (and bypass skips).
+        with torch.no_grad(), replay.record(batch_size=b, seq_len=s):
+            logits = logits_NV()
+            vocab_parallel_logprobs(logits, targets_N, tp_group=groups.tp)
+            vocab_parallel_entropy(logits, tp_group=groups.tp)
+
+    def update():
+        model.zero_grad(set_to_none=True)
+        (-vocab_parallel_logprobs(logits_NV(), targets_N, tp_group=groups.tp).mean()).backward()
+
+    wall, cpu = interleaved({"update": update, "old_logprob_pass": old_logprob_pass},
+                            args.rounds)
+    out = {"batch": b, "seq": s}
+    for clock, times in (("wall", wall), ("process_cpu", cpu)):
+        saved = statistics.median(times["old_logprob_pass"])
+        step = saved + statistics.median(times["update"])
+        out[clock] = {"median_s": {k: statistics.median(v) for k, v in times.items()},
+                      "saved_s_per_step": saved, "saved_frac_of_old_pass_plus_update": saved / step}
+    return out
 
 
 def summarize(times: dict[str, list[float]], *, baseline: str) -> dict:
@@ -331,6 +388,8 @@ def main(argv=None) -> int:
                   "ep": layout.ep, "torch_threads": torch.get_num_threads()}
         if args.part in ("replay", "all"):
             result["replay"] = bench_replay(args, layout, groups)
+        if args.part in ("bypass", "all"):
+            result["bypass"] = bench_bypass(args, layout, groups)
         if args.part in ("logprobs", "all"):
             result["logprobs"] = bench_logprobs(args, groups.tp if layout.tp > 1 else None)
         if layout.rank == 0:

@@ -28,6 +28,8 @@ Advantages are targets: everything here runs without autograd.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from moerl.algos._masked import (
@@ -244,16 +246,46 @@ def gae(
     return advantages_BT, zero_masked(advantages_BT + values_BT, mask)
 
 
-# Outcome estimators (no critic). Every entry:
-#   fn(token_rewards_BT, mask_BT, group_ids_B, **kwargs) -> advantages_BT
-# Keyword arguments per entry (a wrong one raises TypeError):
-#   grpo: eps=1e-6 | dr_grpo: none | rloo: none | reinforce_pp: gamma=1.0, eps=1e-6
-#   reinforce_pp_baseline: gamma=1.0, eps=1e-6
-# GAE needs a critic's values and returns critic targets too, so it is the separate ``gae``.
+class AdvantageResult(NamedTuple):
+    """What every advantage estimator returns."""
+
+    advantages_BT: torch.Tensor
+    returns_BT: torch.Tensor | None  # the critic's regression targets (GAE); None without a critic
+
+
+def _outcome_entry(estimator, *, discounted: bool):
+    """A registry entry for an estimator without a critic. The group estimators use the
+    undiscounted return ``R_i`` (``gamma`` and ``lam`` are not read); REINFORCE++ reads
+    ``gamma``."""
+
+    def entry(token_rewards_BT, mask_BT, group_ids_B, values_BT=None, *, gamma, lam):
+        kwargs = {"gamma": gamma} if discounted else {}
+        return AdvantageResult(estimator(token_rewards_BT, mask_BT, group_ids_B, **kwargs), None)
+
+    entry.__name__ = entry.__qualname__ = estimator.__name__.removesuffix("_advantages")
+    entry.__doc__ = estimator.__doc__
+    return entry
+
+
+def gae_entry(token_rewards_BT, mask_BT, group_ids_B, values_BT=None, *, gamma, lam):
+    """Registry entry ``gae``: :func:`gae` with the critic's ``values_BT``; ``group_ids_B`` is
+    not used. Returns the critic's lambda-return targets too."""
+    if values_BT is None:
+        raise ValueError("advantage estimator gae needs the critic's values_BT")
+    return AdvantageResult(*gae(token_rewards_BT, values_BT, mask_BT, gamma=gamma, lam=lam))
+
+
+# Every entry has the one signature
+#   fn(token_rewards_BT, mask_BT, group_ids_B, values_BT=None, *, gamma, lam) -> AdvantageResult
+# (group estimators ignore values_BT/gamma/lam; REINFORCE++ reads gamma; GAE reads all of them).
 ADVANTAGE_ESTIMATORS = {
-    "grpo": grpo_advantages,
-    "dr_grpo": dr_grpo_advantages,
-    "rloo": rloo_advantages,
-    "reinforce_pp": reinforce_pp_advantages,
-    "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
+    "grpo": _outcome_entry(grpo_advantages, discounted=False),
+    "dr_grpo": _outcome_entry(dr_grpo_advantages, discounted=False),
+    "rloo": _outcome_entry(rloo_advantages, discounted=False),
+    "reinforce_pp": _outcome_entry(reinforce_pp_advantages, discounted=True),
+    "reinforce_pp_baseline": _outcome_entry(reinforce_pp_baseline_advantages, discounted=True),
+    "gae": gae_entry,
 }
+# Estimators that train a critic (PPO) and those that compare samples within a prompt group.
+CRITIC_ESTIMATORS = frozenset({"gae"})
+GROUP_ESTIMATORS = frozenset({"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"})

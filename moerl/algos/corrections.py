@@ -1,4 +1,5 @@
-"""Off-policy masks, train/rollout mismatch corrections and DAPO's sample filters.
+"""Off-policy masks, mismatch telemetry and DAPO's sample filters (the importance-weight
+corrections of the train/rollout mismatch are ``moerl.algos.rollout_correction``).
 
 Shape-suffix legend:
   B  samples    T  padded per-token length (column t = the token predicted at t)
@@ -11,7 +12,6 @@ How each result is applied (all weights and masks are detached):
 * ``off_policy_sequence_mask`` -> bool ``[B, T]``: multiply the *loss* (``loss_BT * keep_BT``)
   so dropped tokens still count in the aggregation denominators, as in DeepSeek-V3.2's
   objective where M_it sits inside ``1/G sum_i 1/|o_i| sum_t``.
-* ``truncated_importance_weights`` / ``icepop_weights`` -> ``[B, T]``: multiply the per-token loss.
 * ``overlong_filter`` -> a new loss mask: DAPO excludes truncated samples from the loss and from
   its token count.
 * ``soft_overlong_punishment`` -> ``[B]`` added to the rewards before advantages.
@@ -75,78 +75,6 @@ def off_policy_sequence_mask(
         "opsm_seq_kl": masked_mean(seq_kl_B, rows_B),
     }
     return ~drop_BT, metrics
-
-
-@torch.no_grad()
-def truncated_importance_weights(
-    old_logprobs_BT: torch.Tensor,
-    rollout_logprobs_BT: torch.Tensor,
-    mask_BT: torch.Tensor,
-    *,
-    cap: float = 2.0,
-    level: str = "token",
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Truncated importance sampling for the train/rollout mismatch (Yao et al. 2025, "Your
-    Efficient RL Framework Secretly Brings You Off-Policy RL Training").
-
-    ``level="token"``: ``w_t = min(pi_old(y_t) / pi_rollout(y_t), cap)`` (the blog's C = 2).
-    ``level="sequence"``: ``w_i = min(prod_t pi_old / pi_rollout, cap)`` on every token of the
-    response (verl's sequence-level rollout IS). Computed as ``exp(min(log w, log cap))`` so the
-    raw product never overflows. Returns (weights_BT, metrics): ``tis_mean`` (mean weight over
-    counted tokens) and ``tis_truncated_frac`` (fraction of tokens, resp. sequences, whose raw
-    ratio exceeded the cap).
-    """
-    if cap <= 0:
-        raise ValueError(f"cap must be > 0, got {cap}")
-    if level not in ("token", "sequence"):
-        raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
-    mask = bool_mask(
-        mask_BT, old_logprobs_BT=old_logprobs_BT, rollout_logprobs_BT=rollout_logprobs_BT
-    )
-    log_w_BT = zero_masked(old_logprobs_BT - rollout_logprobs_BT, mask)
-    if level == "sequence":
-        log_w_B = log_w_BT.sum(-1)
-        truncated_frac = masked_mean((log_w_B > math.log(cap)).float(), nonempty_rows(mask))
-        log_w_BT = log_w_B[:, None].expand(mask.shape)
-    else:
-        truncated_frac = masked_mean((log_w_BT > math.log(cap)).float(), mask)
-    weights_BT = zero_masked(log_w_BT.clamp(max=math.log(cap)).exp(), mask)
-    metrics = {"tis_mean": masked_mean(weights_BT, mask), "tis_truncated_frac": truncated_frac}
-    return weights_BT, metrics
-
-
-@torch.no_grad()
-def icepop_weights(
-    old_logprobs_BT: torch.Tensor,
-    rollout_logprobs_BT: torch.Tensor,
-    mask_BT: torch.Tensor,
-    *,
-    low: float = 0.5,
-    high: float = 5.0,
-    reweight: bool = True,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """IcePop double-sided masking (Ling team, Ring-1T, arXiv:2510.18855, sec. 3).
-
-    With ``k_t = pi_old(y_t) / pi_rollout(y_t)``, IcePop's ``M(k) = k`` if ``low <= k <= high``
-    else 0 (defaults are the paper's alpha = 0.5, beta = 5): tokens on which the two engines
-    disagree too much lose their gradient entirely instead of being truncated as in TIS. With
-    ``reweight=False`` the kept tokens get weight 1 (a pure mask, no importance correction).
-    Returns (weights_BT, metrics): ``icepop_masked_frac`` and ``icepop_weight_mean``.
-    """
-    if not 0.0 < low <= 1.0 <= high:
-        raise ValueError(f"need 0 < low <= 1 <= high, got low={low}, high={high}")
-    mask = bool_mask(
-        mask_BT, old_logprobs_BT=old_logprobs_BT, rollout_logprobs_BT=rollout_logprobs_BT
-    )
-    log_k_BT = zero_masked(old_logprobs_BT - rollout_logprobs_BT, mask)
-    keep_BT = mask & (log_k_BT >= math.log(low)) & (log_k_BT <= math.log(high))
-    kept_value_BT = zero_masked(log_k_BT, keep_BT).exp() if reweight else torch.ones_like(log_k_BT)
-    weights_BT = zero_masked(kept_value_BT, keep_BT)
-    metrics = {
-        "icepop_masked_frac": masked_mean((mask & ~keep_BT).float(), mask),
-        "icepop_weight_mean": masked_mean(weights_BT, mask),
-    }
-    return weights_BT, metrics
 
 
 @torch.no_grad()

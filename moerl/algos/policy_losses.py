@@ -3,10 +3,13 @@
 Shape-suffix legend:
   B  samples in a micro-batch    T  padded per-token length (column t = the token predicted at t)
 
-Every entry of ``POLICY_LOSSES`` has the signature
+Every entry of ``POLICY_LOSSES`` has the one signature
 
-    fn(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT, *, eps_low, eps_high, **extra)
+    fn(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT, *, eps_low, eps_high, dual_clip_c)
         -> (loss_BT, metrics)
+
+``eps_low`` may be None (no lower bound) only for CISPO; ``dual_clip_c`` is read by
+``dual_clip`` alone and ignored by the others (as ``max_response_len`` is by most aggregations).
 
 ``logprobs`` carry the gradient, ``old_logprobs`` are pi_old (the trainer's recompute, or the
 rollout engine's when the caller chooses so). ``loss_BT`` is the per-token loss to *minimise*
@@ -30,8 +33,6 @@ dual-clip, whose gradient it stops instead of letting it explode).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from moerl.algos._masked import bool_mask, masked_mean, nonempty_rows, seq_mean, zero_masked
@@ -39,7 +40,10 @@ from moerl.algos._masked import bool_mask, masked_mean, nonempty_rows, seq_mean,
 LOG_RATIO_CLAMP = 20.0
 
 
-def _check_eps(eps_low: float | None, eps_high: float) -> None:
+def _check_eps(eps_low: float | None, eps_high: float, *, low_bound_optional: bool = False) -> None:
+    if eps_low is None and not low_bound_optional:
+        raise ValueError("eps_low=None (no lower bound) is only valid for CISPO's weight "
+                         "truncation; a clipped surrogate needs a lower clip such as 0.2")
     if eps_low is not None and not 0.0 <= eps_low < 1.0:
         raise ValueError(f"eps_low must lie in [0, 1), got {eps_low}")
     if eps_high < 0.0:
@@ -137,6 +141,7 @@ def gspo_loss(
     *,
     eps_low: float,
     eps_high: float,
+    dual_clip_c: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization", eqs. 5-7).
 
@@ -169,6 +174,7 @@ def gspo_token_loss(
     *,
     eps_low: float,
     eps_high: float,
+    dual_clip_c: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GSPO-token (Zheng et al. 2025, eqs. 13-14): per-token advantages, sequence-level ratio.
 
@@ -195,8 +201,9 @@ def cispo_loss(
     advantages_BT: torch.Tensor,
     mask_BT: torch.Tensor,
     *,
-    eps_high: float,
     eps_low: float | None = None,
+    eps_high: float,
+    dual_clip_c: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CISPO (MiniMax-M1, 2025, eq. 4): clip the importance weight, never the gradient.
 
@@ -205,7 +212,7 @@ def cispo_loss(
     means no lower bound, the setting MiniMax-M1 reports using. The loss *value* contains
     ``log pi`` (as in verl's CISPO), so it is not comparable to a PPO surrogate; the gradient is.
     """
-    _check_eps(eps_low, eps_high)
+    _check_eps(eps_low, eps_high, low_bound_optional=True)
     mask, adv_BT, log_ratio_BT = _prepare(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT)
     ratio_BT = log_ratio_BT.detach().exp()
     low = None if eps_low is None else 1.0 - eps_low
@@ -216,15 +223,46 @@ def cispo_loss(
     return zero_masked(loss_BT, mask), metrics
 
 
-# Keyword arguments per entry (a wrong one raises TypeError):
-#   ppo_clip:   eps_low, eps_high, clip_ratio_c=None   (GRPO: eps_low == eps_high; DAPO: 0.2/0.28)
-#   dual_clip:  eps_low, eps_high, clip_ratio_c=3.0    (Ye et al. 2020 use c = 3)
-#   gspo:       eps_low, eps_high                      (paper: 3e-4 / 4e-4)
-#   gspo_token: eps_low, eps_high
-#   cispo:      eps_high, eps_low=None
+def ppo_clip(
+    logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    dual_clip_c: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Registry entry ``ppo_clip``: :func:`ppo_clip_loss` without dual-clip (GRPO: equal bounds;
+    DAPO: 0.2 / 0.28). ``dual_clip_c`` is not used."""
+    return ppo_clip_loss(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT,
+                         eps_low=eps_low, eps_high=eps_high)
+
+
+def dual_clip(
+    logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    dual_clip_c: float | None = 3.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Registry entry ``dual_clip``: :func:`ppo_clip_loss` with ``clip_ratio_c = dual_clip_c``
+    (Ye et al. 2020 use c = 3)."""
+    if dual_clip_c is None:
+        raise ValueError("dual_clip needs dual_clip_c > 1 (Ye et al. 2020 use 3)")
+    return ppo_clip_loss(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT,
+                         eps_low=eps_low, eps_high=eps_high, clip_ratio_c=dual_clip_c)
+
+
+# One signature (see the module docstring). Bounds the papers use:
+#   ppo_clip: eps 0.2 (GRPO), 0.2 / 0.28 (DAPO) | dual_clip: + c = 3 | gspo, gspo_token: 3e-4 / 4e-4
+#   cispo: eps_low None (no lower bound), eps_high tuned
 POLICY_LOSSES = {
-    "ppo_clip": ppo_clip_loss,
-    "dual_clip": functools.partial(ppo_clip_loss, clip_ratio_c=3.0),
+    "ppo_clip": ppo_clip,
+    "dual_clip": dual_clip,
     "gspo": gspo_loss,
     "gspo_token": gspo_token_loss,
     "cispo": cispo_loss,

@@ -104,6 +104,10 @@ def _weight_version_spans(events: list[tuple[str, int]], current: str, num_token
     return spans
 
 
+# float16 is the field's other answer to the train/inference mismatch (more mantissa than bf16).
+ENGINE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 class Engine:
     """A Hugging Face causal-LM MoE model behind a continuous-batching generation loop."""
 
@@ -112,8 +116,8 @@ class Engine:
                  prompt_cache_bytes: int = 64 << 20, weight_version: str = "default"):
         from transformers import AutoModelForCausalLM
 
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+        if dtype not in ENGINE_DTYPES:
+            raise ValueError(f"dtype must be one of {ENGINE_DTYPES}, got {dtype!r}")
         self.model_dir = str(model_dir)
         self.dtype = dtype
         self.model = AutoModelForCausalLM.from_pretrained(

@@ -1,6 +1,7 @@
 """moerl's built-in rollout server: SGLang 0.5.23's native HTTP API over :class:`Engine`.
 
-``python -m moerl.rollout.server --model DIR --port N [--dtype float32|bfloat16] [--api-key K]``
+``python -m moerl.rollout.server --model DIR --port N [--dtype float32|bfloat16|float16]
+[--api-key K]``
 
 Endpoints (SGLang's names and request schemas, see ``moerl.rollout.schema``): ``/generate``,
 ``/health`` (and ``/health_generate``), ``/model_info`` (and ``/get_model_info``),
@@ -432,7 +433,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000, help="0 picks a free port")
     p.add_argument("--port-file", help="write the bound port here once listening")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"bearer token (default: ${API_KEY_ENV})")
     p.add_argument("--seed", type=int, default=0, help="seeds requests without sampling_seed")
