@@ -18,6 +18,9 @@
 #   --ep-num-redundant-experts 0, --init-expert-location trivial, no --enable-eplb
 #   --disaggregation-mode null         (prefill/decode disaggregation would split a request's
 #                                      routes across two servers)
+# DTYPE (default bfloat16) is the serving precision: float16 rollouts are the field's other answer
+# to the train/inference mismatch (10 mantissa bits against bf16's 7); moerl's built-in server
+# takes the same choice as rollout.engine_dtype.
 # Reproducible per-sample seeds (the client's seed=) need the PyTorch sampler: SGLang's
 # FlashInfer top-k/top-p kernels reject sampling_seed. SAMPLING_BACKEND=pytorch (default here)
 # selects it; set SAMPLING_BACKEND=flashinfer for speed without seeds.
@@ -38,6 +41,11 @@ PORT="${PORT:-30000}"
 TP="${TP:-1}"
 EP="${EP:-1}"
 DTYPE="${DTYPE:-bfloat16}"
+case "$DTYPE" in
+  bfloat16|float16|float32|auto) ;;
+  *) echo "DTYPE=$DTYPE is not a serving dtype: use bfloat16, float16 (FP16 rollouts), float32 or auto" >&2
+     exit 2 ;;
+esac
 MEM_FRACTION="${MEM_FRACTION:-0.85}"
 SAMPLING_MASK_MAX_TOKENS="${SAMPLING_MASK_MAX_TOKENS:-4096}"
 SAMPLING_BACKEND="${SAMPLING_BACKEND:-pytorch}"

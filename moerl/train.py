@@ -380,6 +380,10 @@ def setup(cfg: Config) -> tuple[Run, int]:
     from moerl.trainer.model import architecture_from_hf, validate_architecture_layout
     from moerl.trainer.parallel import init_parallel
 
+    if cfg.model.dtype != "float32" and not torch.cuda.is_available():
+        raise ConfigError(f"model.dtype={cfg.model.dtype} needs CUDA (megatron-core's "
+                          f"mixed-precision optimizer checks for CUDA tensors): on CPU set "
+                          f"model.dtype=float32")
     hf_path = Path(cfg.model.hf_path)
     if not (hf_path / "config.json").is_file():
         raise ConfigError(f"model.hf_path={cfg.model.hf_path} has no config.json; for the tiny "
@@ -410,11 +414,12 @@ def setup(cfg: Config) -> tuple[Run, int]:
     optim = dict(lr=tr.lr, weight_decay=tr.weight_decay, adam_beta1=tr.adam_beta1,
                  adam_beta2=tr.adam_beta2, clip_grad=tr.grad_clip, warmup_steps=tr.warmup_steps,
                  use_distributed_optimizer=p.distributed_optimizer,
-                 bf16=cfg.model.dtype == "bfloat16")
+                 bf16=cfg.model.dtype == "bfloat16", fp16=cfg.model.dtype == "float16")
     dispatcher = None if cfg.model.token_dispatcher == "auto" else cfg.model.token_dispatcher
     actor = Actor(arch=arch, layout=layout, groups=groups, hf_path=str(hf_path),
                   ref_path=cfg.model.ref_path, bf16=cfg.model.dtype == "bfloat16",
-                  recompute=cfg.model.recompute, token_dispatcher=dispatcher, optim=optim)
+                  recompute=cfg.model.recompute, token_dispatcher=dispatcher, optim=optim,
+                  fp16=cfg.model.dtype == "float16")
     critic = None
     if cfg.algorithm.advantage in CRITIC_ESTIMATORS:
         from moerl.trainer.critic import Critic
@@ -423,7 +428,7 @@ def setup(cfg: Config) -> tuple[Run, int]:
                         hf_path=cfg.model.critic_path or str(hf_path),
                         bf16=cfg.model.dtype == "bfloat16", token_dispatcher=dispatcher,
                         optim={**optim, "lr": cfg.algorithm.critic_lr},
-                        value_clip=cfg.algorithm.value_clip)
+                        value_clip=cfg.algorithm.value_clip, fp16=cfg.model.dtype == "float16")
     objective = Objective.from_config(cfg.algorithm, cfg.rollout)
     ptx = None
     if cfg.algorithm.ptx_coef > 0 and rl:

@@ -53,3 +53,31 @@ def test_float16_engine_is_closer_to_float32_than_bfloat16(model_dir):
     gap16 = np.abs(logprobs["float16"] - logprobs["float32"]).mean()
     gap_bf16 = np.abs(logprobs["bfloat16"] - logprobs["float32"]).mean()
     assert 0 < gap16 < gap_bf16, (gap16, gap_bf16)
+
+
+STUB_PYTHON = """#!/usr/bin/env bash
+# Stands in for python: the version probe succeeds, a launch prints its arguments.
+if [[ "$1" == "-c" ]]; then exit 0; fi
+printf '%s\\n' "$@"
+"""
+
+
+@pytest.mark.parametrize("dtype,ok", [("float16", True), ("bfloat16", True), ("fp8", False),
+                                      ("half-ish", False)])
+def test_sglang_launch_takes_a_serving_dtype(tmp_path, dtype, ok):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    stub = tmp_path / "python"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "MODEL": "/models/qwen3-moe", "DTYPE": dtype}
+    script = Path(__file__).resolve().parents[1] / "launch/sglang_server.sh"
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                         timeout=30)
+    if ok:
+        argv = out.stdout.split("\n")
+        assert out.returncode == 0 and argv[argv.index("--dtype") + 1] == dtype
+    else:
+        assert out.returncode == 2 and f"DTYPE={dtype} is not a serving dtype" in out.stderr

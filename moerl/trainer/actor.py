@@ -53,11 +53,11 @@ class PassSettings:
 class Actor:
     def __init__(self, *, arch: MoEArchitecture, layout: ParallelLayout, groups: ProcessGroups,
                  hf_path: str, ref_path: str, bf16: bool, recompute: bool,
-                 token_dispatcher: str | None, optim: dict):
+                 token_dispatcher: str | None, optim: dict, fp16: bool = False):
         self.arch, self.layout, self.groups = arch, layout, groups
         self.hf_path = hf_path
         model = build_gpt_model(arch, layout, bf16=bf16, recompute=recompute,
-                                token_dispatcher=token_dispatcher)
+                                token_dispatcher=token_dispatcher, fp16=fp16)
         if ref_path and ref_path != hf_path:
             load_hf_weights(model, ref_path, arch, layout)
             self._ref_weights = [p.detach().clone() for p in model.parameters()]
@@ -181,7 +181,7 @@ class Actor:
                 mb = extra_batch.select(mb_rows, pad_multiple=self.layout.tp).to(self.device)
                 logprobs, _ = self._logprobs(mb, plain, entropy=False, mask_on=False)
                 loss, metrics = extra_loss_fn(mb, logprobs, None)
-                loss.backward()
+                self.optimizer.scale_loss(loss).backward()
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + value.detach().float()
         for mb_rows in self._micro_batches(rows, settings.micro_batch_size):
@@ -195,7 +195,7 @@ class Actor:
                 loss, metrics = loss_fn(mb, logprobs, entropy)
                 if handle is not None:
                     handle.switch_to_backward()
-                loss.backward()
+                self.optimizer.scale_loss(loss).backward()
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().float()
             totals["loss"] = totals.get("loss", 0.0) + loss.detach().float()

@@ -50,9 +50,10 @@ class ValueHead(torch.nn.Module):
 class Critic:
     def __init__(self, *, arch: MoEArchitecture, layout: ParallelLayout, groups: ProcessGroups,
                  hf_path: str, bf16: bool, token_dispatcher: str | None,
-                 optim: dict, value_clip: float):
+                 optim: dict, value_clip: float, fp16: bool = False):
         self.layout, self.value_clip = layout, value_clip
-        model = build_gpt_model(arch, layout, bf16=bf16, token_dispatcher=token_dispatcher,
+        model = build_gpt_model(arch, layout, bf16=bf16, fp16=fp16,
+                                token_dispatcher=token_dispatcher,
                                 routing_replay=False)
         load_hf_weights(model, hf_path, arch, layout)
         model.output_layer = ValueHead(arch.hidden_size, sequence_parallel=layout.sp)
@@ -89,7 +90,7 @@ class Critic:
                                                   mb.response_mask_BT, clip_eps=self.value_clip)
             loss = AGGREGATIONS["token_mean"](loss_BT, mb.response_mask_BT,
                                               global_num_tokens=tokens)
-            loss.backward()
+            self.optimizer.scale_loss(loss).backward()
             total += loss.item()
             clipfrac += metrics["vf_clipfrac"].item()
             count += 1

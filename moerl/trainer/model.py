@@ -149,7 +149,7 @@ def use_transformer_engine() -> bool:
 
 def transformer_config(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: bool,
                        recompute: bool = False, token_dispatcher: str | None = None,
-                       routing_replay: bool = True):
+                       routing_replay: bool = True, fp16: bool = False):
     """Megatron ``TransformerConfig`` for ``arch`` under ``layout``.
 
     Dropout is off (RL on a pretrained policy); the router computes in fp32 with no auxiliary
@@ -159,6 +159,7 @@ def transformer_config(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: b
     (``moerl.algos.aggregation``), so the sum is the full-batch gradient.
     ``routing_replay=False`` builds a model without ``RouterReplay`` instances (the PPO critic:
     megatron keeps one process-global list of them, which must hold the actor's only).
+    ``fp16`` (GPU only) holds the parameters in float16; the optimizer then scales the loss.
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -188,15 +189,22 @@ def transformer_config(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: b
         tensor_model_parallel_size=layout.tp, expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp, sequence_parallel=layout.sp,
         use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=True,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
-        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        params_dtype=param_dtype(bf16=bf16, fp16=fp16), bf16=bf16, fp16=fp16,
+        pipeline_dtype=param_dtype(bf16=bf16, fp16=fp16),
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, **extra)
 
 
+def param_dtype(*, bf16: bool, fp16: bool) -> torch.dtype:
+    """The trainer's parameter dtype for its precision flags."""
+    if bf16 and fp16:
+        raise ValueError("choose one of bf16 and fp16")
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+
+
 def build_gpt_model(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: bool = False,
                     recompute: bool = False, token_dispatcher: str | None = None,
-                    routing_replay: bool = True):
+                    routing_replay: bool = True, fp16: bool = False):
     """Build this rank's shard of the Megatron ``GPTModel`` (randomly initialised; load weights
     with ``moerl.trainer.hf_bridge``)."""
     from megatron.core.models.gpt import GPTModel
@@ -204,7 +212,8 @@ def build_gpt_model(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: bool
 
     validate_architecture_layout(arch, tp=layout.tp, ep=layout.ep, etp=layout.etp)
     config = transformer_config(arch, layout, bf16=bf16, recompute=recompute,
-                                token_dispatcher=token_dispatcher, routing_replay=routing_replay)
+                                token_dispatcher=token_dispatcher, routing_replay=routing_replay,
+                                fp16=fp16)
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine(),
                                       normalization="RMSNorm")
     return GPTModel(

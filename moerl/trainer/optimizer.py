@@ -30,6 +30,8 @@ Conventions (where Megatron leaves a choice open):
 - Learning rate: constant with optional linear warmup, through Megatron's
   ``OptimizerParamScheduler``. Update ``n`` (1-based, skipped steps not counted) uses
   ``lr * min(1, n / warmup_steps)``, so the first update already moves the weights.
+- fp16 (GPU): Megatron's dynamic loss scaler. ``prepare_grads`` unscales the gradients, checks
+  them and updates the scale; an overflow then skips the step here like any non-finite gradient.
 - On CPU, only fp32 with the plain (non-distributed) optimizer: megatron-core 0.16.1's
   mixed-precision and distributed optimizers require CUDA tensor types (see
   :func:`build_optimizer`). Both work unchanged on GPU.
@@ -44,6 +46,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moerl.trainer.model import param_dtype
 from moerl.trainer.parallel import ParallelLayout, ProcessGroups
 
 
@@ -64,8 +67,10 @@ class TrainerOptimizer:
     """
 
     def __init__(self, model, megatron_optimizer, scheduler, *, clip_grad: float,
-                 groups: ProcessGroups, layout: ParallelLayout) -> None:
+                 groups: ProcessGroups, layout: ParallelLayout,
+                 loss_scaling: bool = False) -> None:
         self.model = model
+        self.loss_scaling = loss_scaling
         self.megatron_optimizer = megatron_optimizer
         self.scheduler = scheduler
         self.clip_grad = clip_grad
@@ -77,6 +82,13 @@ class TrainerOptimizer:
     def _parts(self) -> list:
         """The per-parameter-group-kind optimizers (dense, expert) inside the chain."""
         return getattr(self.megatron_optimizer, "chained_optimizers", [self.megatron_optimizer])
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to call ``backward`` on: times the current fp16 loss scale, else unchanged
+        (Megatron's fp32 optimizer keeps its unit scale as a CUDA tensor, so it is not used)."""
+        if not self.loss_scaling:
+            return loss
+        return loss * self.megatron_optimizer.get_loss_scale().to(loss.device)
 
     def zero_grad(self) -> None:
         """Zero DDP's ``main_grad`` buffers and the optimizer's ``.grad`` (call before backward)."""
@@ -195,11 +207,16 @@ def build_optimizer(model: torch.nn.Module, layout: ParallelLayout, groups: Proc
                     lr: float, weight_decay: float = 0.0, adam_beta1: float = 0.9,
                     adam_beta2: float = 0.999, adam_eps: float = 1e-8, clip_grad: float = 1.0,
                     warmup_steps: int = 0, bf16: bool = False,
-                    use_distributed_optimizer: bool = False) -> TrainerOptimizer:
+                    use_distributed_optimizer: bool = False,
+                    fp16: bool = False) -> TrainerOptimizer:
     """Wrap ``model`` (a Megatron GPTModel with weights loaded) in DDP and build AdamW for it.
 
     Load weights before calling this: mixed-precision and distributed optimizers copy the model
-    weights into their fp32 main weights here.
+    weights into their fp32 main weights here. ``fp16`` uses Megatron's dynamic loss scaling,
+    started at 2^16 (PyTorch AMP's default; Megatron's 2^32 would skip ~17 RL updates before the
+    first one lands), halved on overflow, doubled after 1000 clean steps: backward passes go
+    through :meth:`TrainerOptimizer.scale_loss`, and a step whose scaled gradients overflowed is
+    skipped (Megatron has already lowered the scale).
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -211,13 +228,13 @@ def build_optimizer(model: torch.nn.Module, layout: ParallelLayout, groups: Proc
         raise ValueError(f"optimizer.warmup_steps must be >= 0, got {warmup_steps}")
     if clip_grad < 0.0:
         raise ValueError(f"optimizer.clip_grad must be >= 0 (0 disables clipping), got {clip_grad}")
-    if not torch.cuda.is_available() and (bf16 or use_distributed_optimizer):
+    if not torch.cuda.is_available() and (bf16 or fp16 or use_distributed_optimizer):
         # megatron-core 0.16.1 sorts the parameters of its mixed-precision and distributed
         # optimizers by param.type() == "torch.cuda.{Float,BFloat16,Half}Tensor" and raises
         # TypeError for CPU tensors; moerl.trainer.cpu_compat does not patch that.
-        raise ValueError("optimizer bf16=True and use_distributed_optimizer=True need CUDA "
-                         "(megatron-core checks for CUDA tensor types); on CPU use fp32 and the "
-                         "plain optimizer")
+        raise ValueError("optimizer bf16=True, fp16=True and use_distributed_optimizer=True need "
+                         "CUDA (megatron-core checks for CUDA tensor types); on CPU use fp32 "
+                         "(model.dtype=float32) and the plain optimizer")
     ddp = DistributedDataParallel(
         config=model.config,
         ddp_config=DistributedDataParallelConfig(
@@ -226,9 +243,10 @@ def build_optimizer(model: torch.nn.Module, layout: ParallelLayout, groups: Proc
         module=model)
     config = OptimizerConfig(
         optimizer="adam", lr=lr, min_lr=lr, weight_decay=weight_decay, adam_beta1=adam_beta1,
-        adam_beta2=adam_beta2, adam_eps=adam_eps, clip_grad=clip_grad, bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=use_distributed_optimizer, decoupled_weight_decay=True)
+        adam_beta2=adam_beta2, adam_eps=adam_eps, clip_grad=clip_grad, bf16=bf16, fp16=fp16,
+        params_dtype=param_dtype(bf16=bf16, fp16=fp16),
+        use_distributed_optimizer=use_distributed_optimizer, decoupled_weight_decay=True,
+        **({"initial_loss_scale": 2.0**16} if fp16 else {}))
     optimizer = get_megatron_optimizer(config, [ddp])
     # Megatron's scheduler: warmup from 0, then constant; weight decay constant, times each
     # group's wd_mult (0 for norms and biases). lr_decay_steps only has to exceed the warmup.
@@ -237,4 +255,4 @@ def build_optimizer(model: torch.nn.Module, layout: ParallelLayout, groups: Proc
         lr_decay_steps=warmup_steps + 1, lr_decay_style="constant", start_wd=weight_decay,
         end_wd=weight_decay, wd_incr_steps=1, wd_incr_style="constant")
     return TrainerOptimizer(ddp, optimizer, scheduler, clip_grad=clip_grad, groups=groups,
-                            layout=layout)
+                            layout=layout, loss_scaling=fp16)
