@@ -1,0 +1,118 @@
+"""Reliability pieces that need no training run: telemetry through non-finite steps and
+finished runs, the checkpoint format's integrity checks, the out_dir lock, the launcher-death
+hook and the launcher's pre-flight checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from moerl.telemetry import Telemetry
+
+
+def _telemetry(out_dir, *, start_step, total_steps=3, tensorboard=False):
+    return Telemetry(out_dir, total_steps=total_steps, start_step=start_step,
+                     tensorboard=tensorboard, progress=False, enabled=True)
+
+
+def test_telemetry_logs_a_nonfinite_step_and_goes_on(tmp_path, capsys):
+    tele = _telemetry(tmp_path, start_step=0)
+    tele.log(0, {"loss": float("nan"), "grad_norm": float("inf"), "score/mean": 0.5})
+    tele.log(1, {"loss": 0.25, "grad_norm": 1.5, "score/mean": 0.75})
+    tele.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[0] == {"step": 0, "loss": "nan", "grad_norm": "inf", "score/mean": 0.5}
+    assert records[1]["loss"] == 0.25
+    assert "grad_norm=inf" in capsys.readouterr().out
+
+
+def _digest(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_rerun_of_a_finished_run_changes_no_record(tmp_path):
+    tele = _telemetry(tmp_path, start_step=0, total_steps=2, tensorboard=True)
+    for step, value in ((0, 0.1), (1, 0.2), (2, 0.3)):  # step 2: the final evaluation
+        tele.log(step, {"eval/accuracy": value})
+    tele.close()
+    before = _digest(tmp_path)
+    again = _telemetry(tmp_path, start_step=2, total_steps=2, tensorboard=True)
+    again.log(2, {"eval/accuracy": 0.3})
+    again.close()
+    assert _digest(tmp_path) == before
+    # A resume before the end still drops the records it is about to write again.
+    _telemetry(tmp_path, start_step=1, total_steps=2).close()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0]
+
+
+# ------------------------------------------------------------------ config values that
+# silently changed meaning (issue 11, item 6)
+
+@pytest.mark.parametrize("override, message", [
+    ("algorithm.kl_coef=nan", "algorithm.kl_coef='nan' is not a finite number"),
+    ("algorithm.kl_coef=.nan", "algorithm.kl_coef=nan is not a finite number"),
+    ("algorithm.kl_coef=-0.1", "algorithm.kl_coef=-0.1 must be >= 0"),
+    ("algorithm.entropy_coef=inf", "algorithm.entropy_coef='inf' is not a finite number"),
+    ("rollout.temperature=nan", "rollout.temperature='nan' is not a finite number"),
+    ("rollout.timeout_s=-5", "rollout.timeout_s=-5.0 must be > 0"),
+    ("rollout.max_retries=-1", "rollout.max_retries=-1 must be >= 0"),
+    ("rollout.concurrency=0", "rollout.concurrency=0 must be >= 1"),
+    ("weight_sync.master_port=70000", "weight_sync.master_port=70000 must be <= 65535"),
+    ("training.lr=0", "training.lr=0.0 must be > 0"),
+    ("training.adam_beta2=1", "training.adam_beta2=1.0 must be < 1"),
+])
+def test_values_that_would_change_meaning_are_rejected(override, message):
+    from moerl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config([], [override])
+    assert message in str(err.value)
+
+
+def test_external_url_port_out_of_range_is_rejected():
+    from moerl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"rollout.url='http://h:70000' is not a valid URL"):
+        load_config([], ["rollout.server=external", "rollout.url=http://h:70000"])
+
+
+def test_zero_retries_means_one_attempt(tmp_path):
+    from moerl.rollout.protocol import MoeLayout
+    from moerl.rollout_manager import RolloutManager, SamplingSettings
+
+    manager = RolloutManager(
+        builtin=False, url="http://127.0.0.1:9", api_key="", engine_dtype="float32",
+        concurrency=1, timeout_s=1.0, max_retries=0, seed=0,
+        sampling=SamplingSettings(temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0,
+                                  max_new_tokens=4, stop_token_ids=(0,)),
+        layout=MoeLayout(num_hidden_layers=1, moe_layers=(0,), num_experts=2, top_k=1,
+                         vocab_size=8),
+        return_routes=False, require_routes=False, return_mask=False, require_mask=False,
+        sync_method="disk", bucket_mb=1, sync_address="", sync_port=0, run_dir=tmp_path,
+        hf_config_dir=str(tmp_path))
+    assert manager.retry.max_attempts == 1
+
+
+def test_a_scalar_section_does_not_swallow_later_overrides(tmp_path):
+    from moerl.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("training: 5\n")
+    with pytest.raises(ConfigError, match=r"training is a mapping in one source and 5"):
+        load_config([path], ["training.steps=3"])
+    path.write_text("training:\n")  # an empty section, then a key under it
+    with pytest.raises(ConfigError, match=r"training is a mapping in one source and None"):
+        load_config([path], ["training.steps=3"])
+
+
+def test_duplicate_yaml_keys_are_rejected(tmp_path):
+    from moerl.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  lr: 1.0e-4\n  steps: 3\n  lr: 1.0\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'lr' at line 4 of .*c.yaml"):
+        load_config([path])
