@@ -116,3 +116,46 @@ def test_duplicate_yaml_keys_are_rejected(tmp_path):
     path.write_text("training:\n  lr: 1.0e-4\n  steps: 3\n  lr: 1.0\n")
     with pytest.raises(ConfigError, match=r"duplicate key 'lr' at line 4 of .*c.yaml"):
         load_config([path])
+
+
+# ------------------------------------------------------------------ the launcher's pre-flight
+# checks (issue 11, item 5): nothing starts when the launch cannot work
+
+def _local_sh(*args, env=None):
+    import os
+    import subprocess
+
+    from e2e_util import REPO
+
+    return subprocess.run(["launch/local.sh", "configs/grpo.yaml", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_launcher_rejects_an_unknown_flag_before_any_worker(tmp_path):
+    proc = _local_sh("--set", f"training.out_dir={tmp_path / 'run'}", "--keep-routng")
+    assert proc.returncode == 2
+    assert "unrecognized arguments: --keep-routng" in proc.stderr
+    assert "torch.distributed" not in proc.stderr  # said by the launcher, not by workers
+    assert not (tmp_path / "run").exists()
+
+
+def test_launcher_checks_model_world_and_checkpoint_before_any_worker(model_dir, tmp_path):
+    out = tmp_path / "run"
+    meta = out / "checkpoints" / "step_000004" / "meta.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"format": 2, "step": 4, "shards": [{}, {}],
+                                "layout": {"world": 2, "tp": 2, "ep": 2, "etp": 1}}))
+    before = sorted(p.name for p in out.rglob("*"))
+    proc = _local_sh("--set", f"model.hf_path={model_dir}", "--set", f"training.out_dir={out}",
+                     "--set", "parallel.tp=3", "--set", "rollout.max_new_tokens=512",
+                     env={"NPROC": "4"})
+    assert proc.returncode == 2, proc.stderr
+    for message in ("parallel.tp=3 does not divide num_attention_heads=4",
+                    "rollout.max_new_tokens=512 leaves no room for a prompt",
+                    "4 processes do not fit parallel.tp=3",
+                    "step_000004 was written with layout {'world': 2, 'tp': 2, 'ep': 2, "
+                    "'etp': 1}, this launch is {'world': 4, 'tp': 3"):
+        assert message in proc.stderr
+    assert "torch.distributed" not in proc.stderr  # no worker started
+    assert sorted(p.name for p in out.rglob("*")) == before
