@@ -13,7 +13,8 @@ problem found, when:
   prompt within its ``max_position_embeddings``;
 - the world does not fit the layout, or needs more processes than this machine has devices
   (GPUs, or CPU cores without one);
-- ``training.out_dir`` holds a checkpoint that a resume would load with a different layout.
+- ``training.out_dir`` holds a checkpoint that a resume would load with a different layout, or
+  is in use by a running run (its lock, see moerl.run_guard).
 
 The model checks are skipped while ``model.hf_path`` has no ``config.json`` yet (launch/local.sh
 runs the tiny warm start, then asks again).
@@ -29,6 +30,7 @@ import sys
 from pathlib import Path
 
 from moerl.config import Config, ConfigError, add_cli_arguments, config_from_args
+from moerl.run_guard import is_locked
 
 
 def processes_here(cfg: Config) -> int:
@@ -113,6 +115,9 @@ def checkpoint_problems(cfg: Config, world: int) -> list[str]:
 def preflight(cfg: Config) -> list[str]:
     world = world_size(cfg)
     problems = world_problems(cfg, world, processes_here(cfg)) + checkpoint_problems(cfg, world)
+    holder = is_locked(cfg.training.out_dir)
+    if holder:
+        problems.append(holder)
     if (Path(cfg.model.hf_path) / "config.json").is_file():
         problems += model_problems(cfg)
     return problems

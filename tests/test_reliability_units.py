@@ -159,3 +159,81 @@ def test_launcher_checks_model_world_and_checkpoint_before_any_worker(model_dir,
         assert message in proc.stderr
     assert "torch.distributed" not in proc.stderr  # no worker started
     assert sorted(p.name for p in out.rglob("*")) == before
+
+
+# ------------------------------------------------------------------ one run per out_dir, and
+# no worker outliving its launcher (issue 11, item 2)
+
+_HOLD = """
+import sys, time
+from moerl.run_guard import OutDirLock
+lock = OutDirLock(sys.argv[1])
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_out_dir_lock_names_its_holder_and_a_dead_holder_releases_it(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from moerl.config import ConfigError
+    from moerl.run_guard import OutDirLock, is_locked
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError) as err:
+            OutDirLock(tmp_path)
+        message = str(err.value)
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in message
+        assert "training.out_dir" in message and f"pid {holder.pid}" in is_locked(tmp_path)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # a crash: no clean-up runs
+        holder.wait()
+    assert is_locked(tmp_path) is None
+    lock = OutDirLock(tmp_path)  # the dead run's lock is taken over
+    assert json.loads((tmp_path / ".moerl.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+_PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c",
+    "from moerl.run_guard import exit_with_launcher; import time; exit_with_launcher(); "
+    "print('armed', flush=True); time.sleep(600)"], stdout=sys.stdout, start_new_session=True)
+time.sleep(600)
+"""
+
+
+def test_a_worker_exits_when_its_launcher_is_killed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout.readline().strip() == "armed"
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent.pid)], capture_output=True,
+                         text=True).stdout.split()
+    assert len(out) == 1
+    child = int(out[0])
+    os.kill(parent.pid, signal.SIGKILL)  # the child is in a session of its own, like torchrun's
+    parent.wait()
+    deadline = time.monotonic() + 60
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child), "the worker outlived its launcher"
+
+
+def _alive(pid: int) -> bool:
+    import subprocess
+
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True,
+                           text=True).stdout.strip()
+    return bool(state) and not state.startswith("Z")
