@@ -72,6 +72,11 @@ API_KEY_ENV = "MOERL_ROLLOUT_API_KEY"
 _OPEN, _NORMAL, _ADMIN = "open", "normal", "admin"
 
 
+# A client that disconnects cancels its handler, whose /generate then aborts its sequences
+# (aiohttp's default since 3.9 is to let the handler run on).
+_CONNECTION_SETTINGS = {"handler_cancellation": True}
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=json.dumps(data).encode(), status=status,
                         content_type="application/json")
@@ -92,7 +97,9 @@ class RolloutServer:
     """The aiohttp application: request validation, auth, and the bridge to the engine thread."""
 
     def __init__(self, engine: Engine, *, api_key: str | None, max_request_bytes: int,
-                 weight_sync_timeout_s: float, return_routed_experts: bool = True):
+                 weight_sync_timeout_s: float, return_routed_experts: bool = True,
+                 max_request_tokens: int = schema.Limits.max_tokens_per_request,
+                 max_response_bytes: int = schema.Limits.max_response_bytes):
         self.engine = engine
         # Off: like SGLang without --enable-return-routed-experts, requests may ask for routes
         # but responses carry none.
@@ -101,9 +108,12 @@ class RolloutServer:
         self.model_path = engine.model_dir
         self.max_request_bytes = max_request_bytes
         self.weight_sync_timeout_s = weight_sync_timeout_s
-        self.limits = schema.Limits(vocab_size=engine.layout.vocab_size,
-                                    context_length=engine.context_length,
-                                    sampling_mask_max_tokens=engine.sampling_mask_max_tokens)
+        self.limits = schema.Limits(
+            vocab_size=engine.layout.vocab_size, context_length=engine.context_length,
+            sampling_mask_max_tokens=engine.sampling_mask_max_tokens,
+            max_tokens_per_request=max_request_tokens, max_response_bytes=max_response_bytes,
+            route_entries_per_token=len(engine.layout.moe_layers) * engine.layout.top_k)
+        self._num_calls = 0  # /generate calls so far: each call is one client of the engine
         self._groups: dict[str, Any] = {}
         self._session_open = False
         # Weight transfers block on collectives: one at a time, off the event loop.
@@ -232,12 +242,14 @@ class RolloutServer:
 
         if not self.return_routed_experts:
             items = [dataclasses.replace(it, return_routes=False) for it in items]
-        reqs = [GenerationRequest(item=it, done=resolver(f)) for it, f in zip(items, futures)]
+        self._num_calls += 1
+        reqs = [GenerationRequest(item=it, done=resolver(f), client=self._num_calls)
+                for it, f in zip(items, futures)]
         self.engine.submit(reqs)
         try:
             outs = await asyncio.gather(*futures)
         except asyncio.CancelledError:  # client went away: free the engine's capacity
-            self.engine.abort({r.rid for r in reqs}, "client disconnected")
+            self.engine.cancel(reqs, "client disconnected")
             raise
         for out in outs:
             reason = out["meta_info"]["finish_reason"]
@@ -420,6 +432,16 @@ class RolloutServer:
 # ---------------------------------------------------------------------------------- CLI
 
 
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moerl.rollout.server", description=__doc__.split(
         "\n")[0])
@@ -438,7 +460,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds requests without sampling_seed")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--sampling-mask-max-tokens", type=int, default=4096)
-    p.add_argument("--max-request-mb", type=float, default=16.0)
+    p.add_argument("--max-request-mb", type=_positive(float), default=16.0,
+                   help="largest request body accepted (> 0)")
+    p.add_argument("--max-request-tokens", type=_positive(int),
+                   default=schema.Limits.max_tokens_per_request,
+                   help="most tokens (prompt + max_new_tokens, summed over the sequences) one "
+                        "/generate request may ask for; more is refused with 413")
+    p.add_argument("--max-response-mb", type=_positive(float),
+                   default=schema.Limits.max_response_bytes >> 20,
+                   help="largest estimated /generate response (ids, log-probs, routes, masks); "
+                        "a request that could exceed it is refused with 413")
     p.add_argument("--prompt-cache-mb", type=float, default=64.0)
     p.add_argument("--weight-version", default="default")
     p.add_argument("--weight-sync-timeout-s", type=float, default=600.0)
@@ -470,8 +501,11 @@ async def _serve(args: argparse.Namespace) -> None:
     server = RolloutServer(engine, api_key=args.api_key,
                            max_request_bytes=int(args.max_request_mb * (1 << 20)),
                            weight_sync_timeout_s=args.weight_sync_timeout_s,
-                           return_routed_experts=not args.disable_return_routed_experts)
-    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=2.0)
+                           return_routed_experts=not args.disable_return_routed_experts,
+                           max_request_tokens=args.max_request_tokens,
+                           max_response_bytes=int(args.max_response_mb * (1 << 20)))
+    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=2.0,
+                           **_CONNECTION_SETTINGS)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
@@ -609,6 +643,8 @@ class BackgroundServer:
 
     def __init__(self, model: str | Path, *, api_key: str | None = None, host: str = "127.0.0.1",
                  max_request_mb: float = 16.0, weight_sync_timeout_s: float = 600.0,
+                 max_request_tokens: int = schema.Limits.max_tokens_per_request,
+                 max_response_mb: float = schema.Limits.max_response_bytes >> 20,
                  **engine_kwargs: Any):
         import threading
 
@@ -618,7 +654,9 @@ class BackgroundServer:
         self.engine.start()
         self._server = RolloutServer(self.engine, api_key=api_key,
                                      max_request_bytes=int(max_request_mb * (1 << 20)),
-                                     weight_sync_timeout_s=weight_sync_timeout_s)
+                                     weight_sync_timeout_s=weight_sync_timeout_s,
+                                     max_request_tokens=max_request_tokens,
+                                     max_response_bytes=int(max_response_mb * (1 << 20)))
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="moerl-http", daemon=True)
@@ -628,7 +666,8 @@ class BackgroundServer:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._runner = web.AppRunner(self._server.app(), access_log=None, shutdown_timeout=2.0)
+        self._runner = web.AppRunner(self._server.app(), access_log=None, shutdown_timeout=2.0,
+                                     **_CONNECTION_SETTINGS)
         self._loop.run_until_complete(self._runner.setup())
         self._loop.run_until_complete(web.TCPSite(self._runner, self.host, 0).start())
         self.port = self._runner.addresses[0][1]

@@ -1,0 +1,110 @@
+"""The built-in server against a hostile or careless client (issue 11, items 7-9): a client that
+disconnects frees the engine, one client's huge request cannot hold every other client back,
+and what one request may cost is bounded with a clear 4xx. The server runs in this process
+(BackgroundServer: the same HTTP and engine code as the CLI) on loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    from moerl.rollout.server import BackgroundServer
+
+    handle = BackgroundServer(model_dir, api_key=None, max_batch_size=2,
+                              max_request_tokens=4000, max_response_mb=0.1)
+    yield handle
+    handle.stop()
+
+
+def post(server, path, body=None, *, raw=None, headers=None, method="POST"):
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(server.url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            status, payload = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, payload = e.code, e.read()
+    try:
+        return status, json.loads(payload)
+    except ValueError:
+        return status, payload.decode()
+
+
+def engine_state(server) -> dict:
+    return post(server, "/model_info", method="GET")[1]["moerl"]
+
+
+def _wait(predicate, what, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _long(n, max_new_tokens):
+    return {"input_ids": [1, 4, 4], "sampling_params": {
+        "n": n, "max_new_tokens": max_new_tokens, "ignore_eos": True, "temperature": 1.0}}
+
+
+def test_a_client_that_disconnects_frees_the_engine(server):
+    start = engine_state(server)["decode_steps"]
+    body = json.dumps(_long(2, 400)).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (server.url[7:].encode(), len(body), body))
+    _wait(lambda: engine_state(server)["running"] == 2, "the request to start")
+    sock.close()
+    _wait(lambda: engine_state(server)["running"] + engine_state(server)["waiting"] == 0,
+          "the engine to drop the abandoned sequences")
+    # Stopped early: 400 tokens per sequence would have taken 400 decode steps.
+    assert engine_state(server)["decode_steps"] - start < 399
+    assert post(server, "/generate", _long(1, 3))[0] == 200  # and it still serves
+
+
+def test_a_huge_request_does_not_hold_back_a_small_one(server):
+    # The engine decodes 2 sequences at a time. First in, first out, the small request would
+    # wait for 15 of the big one's 16 sequences: >= 7 x 100 decode steps.
+    start = engine_state(server)["decode_steps"]
+    big = threading.Thread(target=post, args=(server, "/generate", _long(16, 100)))
+    big.start()
+    _wait(lambda: engine_state(server)["running"] == 2, "the big request to start")
+    status, out = post(server, "/generate", _long(1, 5))
+    steps = engine_state(server)["decode_steps"] - start
+    assert status == 200 and len(out["output_ids"]) == 5
+    assert steps < 400, f"the small request finished only after {steps} decode steps"
+    big.join(600)
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({**_long(10, 400)}, 413, "asks for 4030 tokens"),
+    ({**_long(10, 50), "return_sampling_mask": True}, 413, "--max-response-mb"),
+])
+def test_what_one_request_may_cost_is_bounded(server, body, status, message):
+    got, payload = post(server, "/generate", body)
+    assert got == status and message in payload["error"]["message"], payload
+    assert post(server, "/generate", _long(1, 3))[0] == 200
+
+
+def test_default_limits_refuse_the_probes_request(model_dir):
+    from moerl.rollout import schema
+
+    limits = schema.Limits(vocab_size=64, context_length=512, sampling_mask_max_tokens=4096,
+                           route_entries_per_token=4)
+    body = {"input_ids": [1, 2, 3, 4], "sampling_params": {"n": 4096, "max_new_tokens": 500},
+            "return_logprob": True, "return_routed_experts": True}
+    with pytest.raises(schema.RequestError, match="--max-request-tokens") as err:
+        schema.parse_generate_request(body, limits=limits)
+    assert err.value.status == 413
