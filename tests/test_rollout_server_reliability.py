@@ -108,3 +108,61 @@ def test_default_limits_refuse_the_probes_request(model_dir):
     with pytest.raises(schema.RequestError, match="--max-request-tokens") as err:
         schema.parse_generate_request(body, limits=limits)
     assert err.value.status == 413
+
+
+# ------------------------------------------------------------------ browsers and odd inputs
+# (items 8 and 9)
+
+GOOD = {"input_ids": [1, 5, 9], "sampling_params": {"max_new_tokens": 2}}
+
+
+def test_a_browser_cannot_drive_a_keyless_server(server):
+    port = server.url.rsplit(":", 1)[1]
+    # A cross-site form or fetch without pre-flight sends text/plain.
+    status, payload = post(server, "/generate", GOOD, headers={"Content-Type": "text/plain"})
+    assert status == 415 and "application/json" in payload["error"]["message"]
+    # DNS rebinding: the browser sends the attacker's name as Host.
+    status, payload = post(server, "/generate", GOOD, headers={"Host": f"evil.example:{port}"})
+    assert status == 403 and "--allowed-hosts" in payload["error"]["message"]
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
+        assert post(server, "/generate", GOOD, headers={"Host": host})[0] == 200
+    assert post(server, "/health", method="GET", headers={"Host": "evil.example"})[0] == 200
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"routed_experts_start_len": ""}, "routed_experts_start_len"),
+    ({"return_routed_experts": 0}, "return_routed_experts"),
+    ({"moerl_compact": ""}, "moerl_compact"),
+])
+def test_falsy_garbage_is_refused(server, patch, message):
+    status, payload = post(server, "/generate", {**GOOD, **patch})
+    assert status == 400 and message in payload["error"]["message"], payload
+
+
+def test_deeply_nested_json_is_a_400(server):
+    status, payload = post(server, "/generate", raw=b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400 and "nested too deeply" in payload["error"]["message"]
+
+
+def test_a_non_ascii_bearer_token_is_a_401(model_dir):
+    from moerl.rollout.server import BackgroundServer
+
+    keyed = BackgroundServer(model_dir, api_key="k")
+    try:
+        for token in ("Bearer \u00e9t\u00e9", "Bearer k\u00e9"):
+            status, _ = post(keyed, "/generate", GOOD,
+                             headers={"Authorization": token.encode().decode("latin-1")})
+            assert status == 401
+        assert post(keyed, "/generate", GOOD, headers={"Authorization": "Bearer k"})[0] == 200
+        # With a key the Host check is off: a browser cannot send the key cross-site.
+        assert post(keyed, "/generate", GOOD, headers={"Authorization": "Bearer k",
+                                                       "Host": "gpu-17.cluster"})[0] == 200
+    finally:
+        keyed.stop()
+
+
+def test_server_flags_refuse_a_zero_body_limit():
+    from moerl.rollout.server import build_arg_parser
+
+    with pytest.raises(SystemExit):
+        build_arg_parser().parse_args(["--model", "m", "--max-request-mb", "0"])

@@ -281,9 +281,10 @@ def parse_generate_request(body: Any, *, limits: Limits) -> tuple[list[GenerateI
     return_logprob = _per_item(body, "return_logprob", num, False, _bool)
     return_mask = _per_item(body, "return_sampling_mask", num, False, _bool)
     modes = _per_item(body, "sampling_logprobs_mode", num, None, _parse_mode)
-    return_routes = _bool("return_routed_experts", body.get("return_routed_experts") or False)
-    start_len = _int("routed_experts_start_len", body.get("routed_experts_start_len") or 0)
-    compact = _bool("moerl_compact", body.get("moerl_compact") or False)
+    # Absent or null means the default; any other value must have the right type ("" is not 0).
+    return_routes = _bool("return_routed_experts", _given(body, "return_routed_experts", False))
+    start_len = _int("routed_experts_start_len", _given(body, "routed_experts_start_len", 0))
+    compact = _bool("moerl_compact", _given(body, "moerl_compact", False))
     rids = _parse_rids(body.get("rid"), num, n)
     items = []
     for i, (prompt, (spec, _)) in enumerate(zip(prompts, parsed)):
@@ -307,6 +308,11 @@ def parse_generate_request(body: Any, *, limits: Limits) -> tuple[list[GenerateI
                 mask_mode=modes[i] or "selected", compact=compact))
     _check_cost(items, limits)
     return items, single and n == 1
+
+
+def _given(body: dict, key: str, default: Any) -> Any:
+    value = body.get(key)
+    return default if value is None else value
 
 
 def _check_cost(items: list[GenerateItem], limits: Limits) -> None:

@@ -57,7 +57,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 import moerl
-from moerl.rollout import schema
+from moerl.rollout import http_guard, schema
 from moerl.rollout.engine import Engine, GenerationRequest
 from moerl.rollout.protocol import (
     COMPACT_MASK_ENCODING,
@@ -84,7 +84,8 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 def error_response(status: int, message: str) -> web.Response:
     kind = {400: "BadRequestError", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
-            405: "MethodNotAllowed", 413: "PayloadTooLarge", 503: "ServiceUnavailable"}.get(
+            405: "MethodNotAllowed", 413: "PayloadTooLarge", 415: "UnsupportedMediaType",
+            503: "ServiceUnavailable"}.get(
         status, "InternalServerError" if status >= 500 else "BadRequestError")
     return _json({"error": {"message": message, "type": kind, "code": status}}, status)
 
@@ -99,8 +100,10 @@ class RolloutServer:
     def __init__(self, engine: Engine, *, api_key: str | None, max_request_bytes: int,
                  weight_sync_timeout_s: float, return_routed_experts: bool = True,
                  max_request_tokens: int = schema.Limits.max_tokens_per_request,
-                 max_response_bytes: int = schema.Limits.max_response_bytes):
+                 max_response_bytes: int = schema.Limits.max_response_bytes,
+                 allowed_hosts: frozenset | None = None):
         self.engine = engine
+        self.allowed_hosts = allowed_hosts  # None: any Host header (see http_guard)
         # Off: like SGLang without --enable-return-routed-experts, requests may ask for routes
         # but responses carry none.
         self.return_routed_experts = return_routed_experts
@@ -159,10 +162,17 @@ class RolloutServer:
         if level == _ADMIN and self.api_key is None:
             return error_response(403, f"{request.path} changes the server and requires an API "
                                        f"key, but this server was started without --api-key")
+        if not http_guard.host_allowed(request.headers.get("Host"), self.allowed_hosts):
+            return error_response(403, f"Host header {request.headers.get('Host')!r} is not "
+                                       f"this server's address: start it with --api-key, or "
+                                       f"name the host with --allowed-hosts")
+        if request.can_read_body and not http_guard.is_json(request.headers.get(
+                "Content-Type", "")):
+            return error_response(415, f"request bodies must be JSON (Content-Type: "
+                                       f"application/json), got {request.content_type!r}")
         if self.api_key is None:
             return None
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), self.api_key):
+        if not http_guard.token_matches(request.headers.get("Authorization", ""), self.api_key):
             return error_response(401, "Unauthorized: missing or wrong 'Authorization: Bearer "
                                        "<api key>' header")
         return None
@@ -195,6 +205,8 @@ class RolloutServer:
             return json.loads(raw, parse_constant=_reject_constant)
         except (UnicodeDecodeError, ValueError) as e:
             raise RequestError(f"malformed JSON body: {e}") from e
+        except RecursionError:
+            raise RequestError("malformed JSON body: nested too deeply") from None
 
     # ------------------------------------------------------------------ info
 
@@ -452,6 +464,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-with-parent", type=int, default=0, metavar="PID",
                    help="shut down when the process PID (the launcher) exits")
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--allowed-hosts", default="",
+                   help="without --api-key, requests must carry a Host header naming the bound "
+                        "address or localhost; add comma-separated names here ('*': any)")
     p.add_argument("--port", type=int, default=30000, help="0 picks a free port")
     p.add_argument("--port-file", help="write the bound port here once listening")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -503,7 +518,9 @@ async def _serve(args: argparse.Namespace) -> None:
                            weight_sync_timeout_s=args.weight_sync_timeout_s,
                            return_routed_experts=not args.disable_return_routed_experts,
                            max_request_tokens=args.max_request_tokens,
-                           max_response_bytes=int(args.max_response_mb * (1 << 20)))
+                           max_response_bytes=int(args.max_response_mb * (1 << 20)),
+                           allowed_hosts=http_guard.allowed_hosts(
+                               args.host, api_key=args.api_key, extra=args.allowed_hosts))
     runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=2.0,
                            **_CONNECTION_SETTINGS)
     await runner.setup()
@@ -530,9 +547,13 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if any(a == "--api-key" or a.startswith("--api-key=") for a in argv):
+        logger.warning("--api-key on the command line is visible to every user of this machine "
+                       "(ps, /proc): pass it in $%s instead", API_KEY_ENV)
     import torch
     import transformers
 
@@ -645,7 +666,7 @@ class BackgroundServer:
                  max_request_mb: float = 16.0, weight_sync_timeout_s: float = 600.0,
                  max_request_tokens: int = schema.Limits.max_tokens_per_request,
                  max_response_mb: float = schema.Limits.max_response_bytes >> 20,
-                 **engine_kwargs: Any):
+                 allowed_hosts: str = "", **engine_kwargs: Any):
         import threading
 
         self.api_key = api_key
@@ -656,7 +677,9 @@ class BackgroundServer:
                                      max_request_bytes=int(max_request_mb * (1 << 20)),
                                      weight_sync_timeout_s=weight_sync_timeout_s,
                                      max_request_tokens=max_request_tokens,
-                                     max_response_bytes=int(max_response_mb * (1 << 20)))
+                                     max_response_bytes=int(max_response_mb * (1 << 20)),
+                                     allowed_hosts=http_guard.allowed_hosts(
+                                         host, api_key=api_key, extra=allowed_hosts))
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="moerl-http", daemon=True)
