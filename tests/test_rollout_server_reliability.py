@@ -166,3 +166,101 @@ def test_server_flags_refuse_a_zero_body_limit():
 
     with pytest.raises(SystemExit):
         build_arg_parser().parse_args(["--model", "m", "--max-request-mb", "0"])
+
+
+@pytest.fixture(scope="module")
+def keyed(model_dir):
+    from moerl.rollout.server import BackgroundServer
+
+    handle = BackgroundServer(model_dir, api_key="k", idle_timeout_s=1.0, body_timeout_s=1.0)
+    yield handle
+    handle.stop()
+
+
+def _admin(server, path, body):
+    return post(server, path, body, headers={"Authorization": "Bearer k"})
+
+
+def _checkpoint_with(model_dir, out, change):
+    """A copy of the model's checkpoint with ``change(tensors)`` applied to its tensors."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    for file in out.glob("*.safetensors"):
+        tensors = load_file(file)
+        change(tensors)
+        save_file(tensors, file, metadata={"format": "pt"})
+    return out
+
+
+def _set_first(value):
+    import torch
+
+    def change(tensors):
+        name = sorted(tensors)[0]
+        t = tensors[name]
+        tensors[name] = torch.full_like(t, value) if value is not int else t.to(torch.int32)
+    return change
+
+
+def test_weight_loads_refuse_what_would_break_the_engine(keyed, model_dir, tmp_path):
+    import os
+
+    nan = _checkpoint_with(model_dir, tmp_path / "nan", _set_first(float("nan")))
+    ints = _checkpoint_with(model_dir, tmp_path / "ints", _set_first(int))
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(next(model_dir.glob("*.safetensors")), outside / "model.safetensors")
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "model.safetensors")
+    cases = [(nan, "non-finite value"), (ints, "must be floating point"),
+             (garbage, "not a valid safetensors file"), (outside, "outside the checkpoint"),
+             (fifo, "not a regular file"), (tmp_path / ("x" * 5000), "model_path is unusable")]
+    for path, message in cases:
+        status, payload = _admin(keyed, "/update_weights_from_disk", {"model_path": str(path)})
+        assert status == 400 and message in payload["message"], (path.name, payload)
+    assert _admin(keyed, "/generate", GOOD)[0] == 200
+    assert post(keyed, "/health", method="GET")[0] == 200
+
+
+def test_health_says_when_the_engine_cannot_serve(keyed):
+    import torch
+
+    param = next(keyed.engine.model.parameters())
+    saved = param.detach().clone()
+    with torch.no_grad():
+        param.fill_(float("nan"))  # what unchecked weights did
+    try:
+        assert _admin(keyed, "/generate", GOOD)[0] == 500
+        assert post(keyed, "/health", method="GET")[0] == 503
+    finally:
+        with torch.no_grad():
+            param.copy_(saved)
+    assert _admin(keyed, "/generate", GOOD)[0] == 200
+    assert post(keyed, "/health", method="GET")[0] == 200
+
+
+def _raw(server, payload: bytes) -> bytes:
+    """Send ``payload`` and read until the server closes the connection (60 s at most)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        if payload:
+            sock.sendall(payload)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_idle_and_slow_connections_are_timed_out(keyed):
+    assert _raw(keyed, b"") == b""  # an idle connection is closed, not kept for an hour
+    slow = (b"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"input_ids\"")
+    reply = _raw(keyed, slow)
+    assert reply.startswith(b"HTTP/1.1 408") and b"--body-timeout-s" in reply

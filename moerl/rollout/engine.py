@@ -149,6 +149,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="moerl-engine", daemon=True)
         self.steps = 0  # decode steps taken
         self.num_finished = 0  # requests answered (finished or aborted)
+        self.last_error: str | None = None  # the last step's failure; None once a step succeeds
 
     # ---------------------------------------------------------------- setup
 
@@ -265,7 +266,9 @@ class Engine:
                 self._admit()
             if self._running:
                 self._decode_step()
-        except Exception:
+                self.last_error = None
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
             logger.exception("engine step failed; aborting the batch")
             self._abort_requests(lambda r: True, "Internal error in the moerl engine",
                                  status_code=500, err_type="InternalServerError")

@@ -72,9 +72,13 @@ API_KEY_ENV = "MOERL_ROLLOUT_API_KEY"
 _OPEN, _NORMAL, _ADMIN = "open", "normal", "admin"
 
 
-# A client that disconnects cancels its handler, whose /generate then aborts its sequences
-# (aiohttp's default since 3.9 is to let the handler run on).
-_CONNECTION_SETTINGS = {"handler_cancellation": True}
+
+def _connection_settings(idle_timeout_s: float) -> dict:
+    """A client that disconnects cancels its handler, whose /generate then aborts its sequences
+    (aiohttp's default since 3.9 lets the handler run on); a connection that sends nothing for
+    ``idle_timeout_s`` (before its first request or between requests) is closed (aiohttp's
+    default is an hour)."""
+    return {"handler_cancellation": True, "keepalive_timeout": idle_timeout_s}
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -84,7 +88,7 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 def error_response(status: int, message: str) -> web.Response:
     kind = {400: "BadRequestError", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
-            405: "MethodNotAllowed", 413: "PayloadTooLarge", 415: "UnsupportedMediaType",
+            405: "MethodNotAllowed", 408: "RequestTimeout", 413: "PayloadTooLarge", 415: "UnsupportedMediaType",
             503: "ServiceUnavailable"}.get(
         status, "InternalServerError" if status >= 500 else "BadRequestError")
     return _json({"error": {"message": message, "type": kind, "code": status}}, status)
@@ -101,8 +105,9 @@ class RolloutServer:
                  weight_sync_timeout_s: float, return_routed_experts: bool = True,
                  max_request_tokens: int = schema.Limits.max_tokens_per_request,
                  max_response_bytes: int = schema.Limits.max_response_bytes,
-                 allowed_hosts: frozenset | None = None):
+                 allowed_hosts: frozenset | None = None, body_timeout_s: float = 60.0):
         self.engine = engine
+        self.body_timeout_s = body_timeout_s
         self.allowed_hosts = allowed_hosts  # None: any Host header (see http_guard)
         # Off: like SGLang without --enable-return-routed-experts, requests may ask for routes
         # but responses carry none.
@@ -198,7 +203,11 @@ class RolloutServer:
             return error_response(500, "Internal server error")
 
     async def _body(self, request: web.Request) -> Any:
-        raw = await request.read()
+        try:
+            raw = await asyncio.wait_for(request.read(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(f"the request body did not arrive within {self.body_timeout_s:g} "
+                               f"s (--body-timeout-s)", status=408) from None
         if not raw:
             return None
         try:
@@ -211,7 +220,9 @@ class RolloutServer:
     # ------------------------------------------------------------------ info
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200 if self.engine.alive else 503)
+        """200 only when the engine thread runs and its last step did not fail."""
+        healthy = self.engine.alive and self.engine.last_error is None
+        return web.Response(status=200 if healthy else 503)
 
     async def model_info(self, request: web.Request) -> web.Response:
         e = self.engine
@@ -328,7 +339,12 @@ class RolloutServer:
         req = schema.parse_control(await self._body(request), schema.UPDATE_FROM_DISK_SCHEMA,
                                    endpoint="update_weights_from_disk")
         path = Path(req["model_path"])
-        if not path.is_dir():
+        try:
+            is_dir = path.is_dir()
+        except OSError as e:  # e.g. a name too long for the file system
+            return _json({"success": False, "message": f"model_path is unusable: {e}",
+                          "num_paused_requests": 0}, 400)
+        if not is_dir:
             return _json({"success": False, "message": f"model_path {str(path)!r} is not a "
                           f"directory", "num_paused_requests": 0}, 400)
 
@@ -338,6 +354,7 @@ class RolloutServer:
             tensors = list(iter_safetensors_dir(path))
             for name, t in tensors:  # validate everything before writing anything
                 self.writer.check(name, t.shape)
+                self.writer.check_values(name, t)
             return tensors
         try:
             tensors = await asyncio.get_running_loop().run_in_executor(self._io_pool, load)
@@ -430,9 +447,12 @@ class RolloutServer:
         group, backend = entry
 
         def receive() -> list:
-            return receive_tensors(group, req["names"], req["dtypes"], req["shapes"],
-                                   load_format=req["load_format"],
-                                   device="cuda" if backend == "nccl" else "cpu")
+            tensors = receive_tensors(group, req["names"], req["dtypes"], req["shapes"],
+                                      load_format=req["load_format"],
+                                      device="cuda" if backend == "nccl" else "cpu")
+            for name, t in tensors:  # the collective is done; refuse before writing anything
+                self.writer.check_values(name, t)
+            return tensors
         try:
             tensors = await asyncio.get_running_loop().run_in_executor(self._sync_pool, receive)
         except Exception as e:
@@ -477,6 +497,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling-mask-max-tokens", type=int, default=4096)
     p.add_argument("--max-request-mb", type=_positive(float), default=16.0,
                    help="largest request body accepted (> 0)")
+    p.add_argument("--idle-timeout-s", type=_positive(float), default=30.0,
+                   help="close a connection that sends nothing for this long")
+    p.add_argument("--body-timeout-s", type=_positive(float), default=60.0,
+                   help="answer 408 when a request body takes longer than this to arrive")
     p.add_argument("--max-request-tokens", type=_positive(int),
                    default=schema.Limits.max_tokens_per_request,
                    help="most tokens (prompt + max_new_tokens, summed over the sequences) one "
@@ -520,9 +544,10 @@ async def _serve(args: argparse.Namespace) -> None:
                            max_request_tokens=args.max_request_tokens,
                            max_response_bytes=int(args.max_response_mb * (1 << 20)),
                            allowed_hosts=http_guard.allowed_hosts(
-                               args.host, api_key=args.api_key, extra=args.allowed_hosts))
+                               args.host, api_key=args.api_key, extra=args.allowed_hosts),
+                           body_timeout_s=args.body_timeout_s)
     runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=2.0,
-                           **_CONNECTION_SETTINGS)
+                           **_connection_settings(args.idle_timeout_s))
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
@@ -666,11 +691,13 @@ class BackgroundServer:
                  max_request_mb: float = 16.0, weight_sync_timeout_s: float = 600.0,
                  max_request_tokens: int = schema.Limits.max_tokens_per_request,
                  max_response_mb: float = schema.Limits.max_response_bytes >> 20,
-                 allowed_hosts: str = "", **engine_kwargs: Any):
+                 allowed_hosts: str = "", idle_timeout_s: float = 30.0,
+                 body_timeout_s: float = 60.0, **engine_kwargs: Any):
         import threading
 
         self.api_key = api_key
         self.host = host
+        self._idle_timeout_s = idle_timeout_s
         self.engine = Engine(model, **engine_kwargs)
         self.engine.start()
         self._server = RolloutServer(self.engine, api_key=api_key,
@@ -679,7 +706,8 @@ class BackgroundServer:
                                      max_request_tokens=max_request_tokens,
                                      max_response_bytes=int(max_response_mb * (1 << 20)),
                                      allowed_hosts=http_guard.allowed_hosts(
-                                         host, api_key=api_key, extra=allowed_hosts))
+                                         host, api_key=api_key, extra=allowed_hosts),
+                                     body_timeout_s=body_timeout_s)
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="moerl-http", daemon=True)
@@ -690,7 +718,7 @@ class BackgroundServer:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._runner = web.AppRunner(self._server.app(), access_log=None, shutdown_timeout=2.0,
-                                     **_CONNECTION_SETTINGS)
+                                     **_connection_settings(self._idle_timeout_s))
         self._loop.run_until_complete(self._runner.setup())
         self._loop.run_until_complete(web.TCPSite(self._runner, self.host, 0).start())
         self.port = self._runner.addresses[0][1]
