@@ -264,3 +264,18 @@ def test_idle_and_slow_connections_are_timed_out(keyed):
             b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"input_ids\"")
     reply = _raw(keyed, slow)
     assert reply.startswith(b"HTTP/1.1 408") and b"--body-timeout-s" in reply
+
+
+def test_host_allow_list():
+    import socket
+
+    from moerl.rollout.http_guard import allowed_hosts, host_allowed
+
+    loopback = allowed_hosts("127.0.0.1", api_key=None)
+    assert host_allowed("localhost:30000", loopback) and host_allowed("[::1]:30000", loopback)
+    assert not host_allowed("attacker.example:30000", loopback) and not host_allowed("", loopback)
+    every = allowed_hosts("0.0.0.0", api_key=None, extra="rollout-0.cluster")
+    assert host_allowed(f"{socket.gethostname()}:30000", every)
+    assert host_allowed("rollout-0.cluster:30000", every)
+    assert allowed_hosts("0.0.0.0", api_key=None, extra="*") is None
+    assert allowed_hosts("127.0.0.1", api_key="k") is None

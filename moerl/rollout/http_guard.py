@@ -27,9 +27,19 @@ def allowed_hosts(bind_host: str, *, api_key: str | None, extra: str = "") -> fr
     if api_key or "*" in names:
         return None
     names |= {bind_host.lower(), *_LOOPBACK_NAMES}
-    if _is_wildcard(bind_host):  # every interface: also this machine's own names
-        names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+    if _is_wildcard(bind_host):  # every interface: also this machine's own names and addresses
+        names |= _own_names()
     return frozenset(names)
+
+
+def _own_names() -> set[str]:
+    host = socket.gethostname()
+    names = {host.lower(), socket.getfqdn().lower()}
+    try:
+        names |= {info[4][0].lower() for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        pass
+    return names
 
 
 def _is_wildcard(host: str) -> bool:
