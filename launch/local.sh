@@ -14,13 +14,15 @@ fi
 launch/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-info=$(python -m moerl.launch_info "$@")  # validates the config; exits 2 on a mistake
+# Checks flags, config, model and checkpoint layout; exits 2 on a mistake, before any worker.
+info=$(python -m moerl.launch_info "$@")
 read -r NEEDED HF_PATH MAX_OPERAND <<< "$info"
 if [ ! -f "$HF_PATH/config.json" ]; then
   case "$HF_PATH" in
     *tiny_warmstart*)
       echo "moerl: no checkpoint at $HF_PATH: running the tiny-model warm start first"
-      python -m moerl.warmstart --out "$HF_PATH" --max-operand "$MAX_OPERAND" ;;
+      python -m moerl.warmstart --out "$HF_PATH" --max-operand "$MAX_OPERAND"
+      python -m moerl.launch_info "$@" > /dev/null ;;  # the model checks, now that it exists
     *) echo "moerl: model.hf_path=$HF_PATH has no config.json" >&2; exit 2 ;;
   esac
 fi

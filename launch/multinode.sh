@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${MASTER_ADDR:?set MASTER_ADDR to the first training node}"
 : "${NNODES:?set NNODES}"
-NPROC_PER_NODE=${NPROC_PER_NODE:-8}
+export NPROC_PER_NODE=${NPROC_PER_NODE:-8}  # read by moerl.launch_info too
 MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-moerl-$(date +%Y%m%d)}
 # shellcheck disable=SC1091

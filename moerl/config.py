@@ -16,8 +16,10 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -96,11 +98,12 @@ class RolloutConfig:
     max_new_tokens: int = 16
     """Generation budget per response (DAPO's L_max)."""
     concurrency: int = 64
-    """Maximum requests in flight."""
+    """Maximum requests in flight (>= 1)."""
     timeout_s: float = 300.0
-    """Per-request timeout."""
+    """Per-request timeout in seconds (> 0)."""
     max_retries: int = 8
-    """Retries per request on connection errors and 5xx (exponential backoff)."""
+    """Retries per request on connection errors and 5xx (exponential backoff), after the first
+    attempt: 0 = one attempt, no retry."""
     seed: int = 1234
     """Sampling seed; request seeds are derived from it, the step and the sample index."""
 
@@ -127,7 +130,7 @@ class AlgorithmConfig:
     kl_estimator: Literal["none", "k1", "k2", "k3", "k3_unbiased"] = "none"
     """KL(pi_theta || pi_ref) estimator; k3_unbiased is DeepSeek-V3.2's ratio-weighted k3."""
     kl_coef: float = 0.0
-    """KL coefficient beta (loss term, or reward penalty when kl_in_reward)."""
+    """KL coefficient beta (loss term, or reward penalty when kl_in_reward); >= 0."""
     kl_in_reward: bool = False
     """PPO style: subtract beta * KL from the token rewards instead of adding a loss term."""
     entropy_coef: float = 0.0
@@ -220,6 +223,10 @@ class TrainingConfig:
     """Continue from the latest checkpoint in out_dir when one exists."""
     eval_every: int = 5
     """Evaluate greedy accuracy on the task's fixed evaluation set every N steps (0 = never)."""
+    max_nonfinite_steps: int = 3
+    """Consecutive RL steps with a non-finite gradient that are tolerated: each such step's
+    optimizer update is skipped (weights and Adam state untouched), logged, and training goes on;
+    one more stops the run with a checkpoint of the last good state and exit status 1."""
 
 
 @dataclass(frozen=True)
@@ -315,9 +322,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is not a number")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}={value!r} is not a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={value!r} is not a finite number")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key} must be a string, got {type(value).__name__}")
@@ -347,14 +357,36 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
+def _deep_merge(base: dict, update: dict, prefix: str = "") -> dict:
+    """``update`` over ``base``. A mapping meeting a scalar (``training: 5`` in one place,
+    ``training.lr`` in another) is an error: either way round, one of them would vanish."""
     out = dict(base)
     for key, value in update.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = _deep_merge(out[key], value, name)
+        elif key in out and isinstance(value, dict) != isinstance(out[key], dict):
+            raise ConfigError(f"{name} is a mapping in one source and {out[key]!r} / {value!r} "
+                              f"in another: write it as a mapping of keys (e.g. {name}: "
+                              f"{{key: value}}) everywhere")
         else:
             out[key] = value
     return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}"
+                                  f" of {key_node.start_mark.name}: give each key once")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -364,7 +396,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with path.open() as fh:
+            data = yaml.load(fh, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -476,6 +509,7 @@ def validate(config: Config) -> None:
     for name in ("tp", "ep", "etp"):
         if getattr(config.parallel, name) < 1:
             problems.append(f"parallel.{name} must be >= 1")
+    problems += _range_problems(config)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
@@ -499,6 +533,75 @@ def _bypass_problems(config: Config) -> list[str]:
                         "min_p) uses the truncated distribution's log-probs as pi_old: turn on "
                         "--keep-sampling-mask so pi_theta is computed over the same support")
     return problems
+
+
+# Bounds of single values: (section.key, lowest, highest, lowest allowed, highest allowed). A value
+# outside them would not fail; it would quietly mean something else (a negative KL coefficient
+# turns the penalty into a reward, zero retries meant zero attempts, a port past 65535 wraps).
+_RANGES = [
+    ("rollout.concurrency", 1, None, True, True),
+    ("rollout.timeout_s", 0, None, False, True),
+    ("rollout.max_retries", 0, None, True, True),
+    ("algorithm.clip_eps_low", 0, 1, True, True),
+    ("algorithm.clip_eps_high", 0, None, True, True),
+    ("algorithm.dual_clip_c", 1, None, False, True),
+    ("algorithm.kl_coef", 0, None, True, True),
+    ("algorithm.tis_cap", 0, None, False, True),
+    ("algorithm.icepop_low", 0, None, True, True),
+    ("algorithm.max_refill_rounds", 0, None, True, True),
+    ("algorithm.overlong_buffer", 0, None, True, True),
+    ("algorithm.overlong_penalty", 0, None, True, True),
+    ("algorithm.gamma", 0, 1, True, True),
+    ("algorithm.lam", 0, 1, True, True),
+    ("algorithm.value_clip", 0, None, False, True),
+    ("algorithm.critic_lr", 0, None, False, True),
+    ("algorithm.ptx_coef", 0, None, True, True),
+    ("algorithm.dpo_beta", 0, None, False, True),
+    ("training.lr", 0, None, False, True),
+    ("training.warmup_steps", 0, None, True, True),
+    ("training.weight_decay", 0, None, True, True),
+    ("training.adam_beta1", 0, 1, True, False),
+    ("training.adam_beta2", 0, 1, True, False),
+    ("training.grad_clip", 0, None, True, True),
+    ("training.checkpoint_every", 0, None, True, True),
+    ("training.eval_every", 0, None, True, True),
+    ("training.max_nonfinite_steps", 0, None, True, True),
+    ("task.max_operand", 1, None, True, True),
+    ("task.num_terms", 1, None, True, True),
+    ("task.eval_size", 1, None, True, True),
+    ("weight_sync.bucket_mb", 1, None, True, True),
+    ("weight_sync.master_port", 0, 65535, True, True),
+]
+
+
+def _range_problems(config: Config) -> list[str]:
+    problems = []
+    for key, low, high, low_ok, high_ok in _RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value is None:  # an optional bound left open (e.g. CISPO's clip_eps_low)
+            continue
+        if low is not None and (value < low or (value == low and not low_ok)):
+            problems.append(f"{key}={value} must be {'>=' if low_ok else '>'} {low}")
+        if high is not None and (value > high or (value == high and not high_ok)):
+            problems.append(f"{key}={value} must be {'<=' if high_ok else '<'} {high}")
+    if config.algorithm.icepop_high <= config.algorithm.icepop_low:
+        problems.append(f"algorithm.icepop_high={config.algorithm.icepop_high} must exceed "
+                        f"icepop_low={config.algorithm.icepop_low}")
+    if config.rollout.url:
+        problems += _url_problems("rollout.url", config.rollout.url)
+    return problems
+
+
+def _url_problems(key: str, url: str) -> list[str]:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # raises ValueError for a port out of 0..65535 or not a number
+    except ValueError as err:
+        return [f"{key}={url!r} is not a valid URL: {err}"]
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return [f"{key}={url!r} must look like http://host:port"]
+    return []
 
 
 # --------------------------------------------------------------------------- docs and I/O
@@ -536,7 +639,10 @@ def to_dict(config: Config) -> dict:
 
 
 def dump_yaml(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    """Write the resolved config; an identical file is left untouched (a rerun changes nothing)."""
+    path, text = Path(path), yaml.safe_dump(to_dict(config), sort_keys=False)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:

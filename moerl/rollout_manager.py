@@ -75,7 +75,7 @@ class RolloutManager:
         self.weights_dir = run_dir / "rollout_weights"  # the last pushed weights, HF format
         self.hf_config_dir = hf_config_dir
         self.concurrency, self.timeout_s = concurrency, timeout_s
-        self.retry = RetryPolicy(max_attempts=max_retries)
+        self.retry = RetryPolicy(max_attempts=max_retries + 1)  # the first try, then retries
         self.max_batch_size = max_batch_size
         self.server: ServerHandle | None = None
         self.client: RolloutClient | None = None

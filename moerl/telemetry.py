@@ -2,7 +2,11 @@
 
 ``metrics.jsonl`` holds one JSON object per step (``{"step": k, "reward/mean": ...}``). On resume
 the lines of steps at or after the resume point are dropped first, so an interrupted-and-resumed
-run leaves exactly the file an uninterrupted run would have.
+run leaves exactly the file an uninterrupted run would have. A rerun of a finished run (resume
+point at ``total_steps``) touches neither the file nor the TensorBoard events: the record of step
+``total_steps`` is the finished run's final evaluation, which nothing would write again.
+Non-finite values (a skipped optimizer step's loss) are kept visible as the strings ``"nan"``,
+``"inf"``, ``"-inf"``, since JSON has no such numbers.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ _HEADLINE = ("score/mean", "eval/accuracy", "mismatch/k3", "routing/route_agreem
 class Telemetry:
     def __init__(self, out_dir: str | Path, *, total_steps: int, start_step: int,
                  tensorboard: bool, progress: bool, enabled: bool):
-        self.enabled = enabled
+        # A finished run's records are final: a rerun has nothing to add and must not truncate.
+        self.enabled = enabled and start_step < total_steps
         self.path = Path(out_dir) / "metrics.jsonl"
         self._tb = None
         self._progress = None
-        if not enabled:
+        if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate(start_step)
@@ -63,7 +68,7 @@ class Telemetry:
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
         summary = "  ".join(f"{k.split('/')[-1] if k != 'score/mean' else 'score'}="
-                            f"{record[k]:.4g}" for k in _HEADLINE if k in record)
+                            f"{_short(record[k])}" for k in _HEADLINE if k in record)
         if self._progress is not None and self._progress.console.is_terminal:
             self._progress.update(self._task, advance=1, description=summary)
         else:
@@ -82,6 +87,10 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep them visible as strings
     return value
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 
 
 class StageTimer:

@@ -70,6 +70,11 @@ class RetryPolicy:
     multiplier: float = 2.0
     jitter: float = 0.2
 
+    def __post_init__(self):
+        if self.max_attempts < 1:
+            raise ValueError(f"RetryPolicy.max_attempts={self.max_attempts}: at least one "
+                             f"attempt is needed")
+
     def backoff_s(self, attempt: int) -> float:
         base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** attempt)
         return base * random.uniform(1 - self.jitter, 1 + self.jitter)

@@ -62,6 +62,7 @@ class GenerationRequest:
 
     item: GenerateItem
     done: Callable[[dict], None]  # called once, on the engine thread, with the output dict
+    client: int = 0  # the /generate call it came in: admission takes turns between clients
     # Engine-owned state.
     generator: torch.Generator | None = None
     uniforms: list[float] = field(default_factory=list)  # pre-drawn from ``generator``
@@ -152,6 +153,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="moerl-engine", daemon=True)
         self.steps = 0  # decode steps taken
         self.num_finished = 0  # requests answered (finished or aborted)
+        self.last_error: str | None = None  # the last step's failure; None once a step succeeds
 
     # ---------------------------------------------------------------- setup
 
@@ -220,6 +222,12 @@ class Engine:
             self._aborts.append((set(rids), message))
             self._cond.notify_all()
 
+    def cancel(self, requests: list[GenerationRequest], message: str) -> None:
+        """Abort these very requests (by identity: rids are the clients' and need not be
+        unique), wherever they are; used when their client has gone."""
+        ids = {id(r) for r in requests}
+        self.call(lambda: self._abort_requests(lambda r: id(r) in ids, message))
+
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run ``fn`` on the engine thread between two steps; returns its future."""
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -262,7 +270,9 @@ class Engine:
                 self._admit()
             if self._running:
                 self._decode_step()
-        except Exception:
+                self.last_error = None
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
             logger.exception("engine step failed; aborting the batch")
             self._abort_requests(lambda r: True, "Internal error in the moerl engine",
                                  status_code=500, err_type="InternalServerError")
@@ -349,8 +359,7 @@ class Engine:
 
     def _admit(self) -> None:
         """Move waiting requests into the running batch: prefill, merge KV, sample first token."""
-        room = self.max_batch_size - len(self._running)
-        admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        admitted = self._take_fairly(self.max_batch_size - len(self._running))
         seqs = [tuple(r.sequence) for r in admitted]
         prefills, first_use = self._cached_prefill(
             seqs, {s for r, s in zip(admitted, seqs) if not r.output_ids})
@@ -373,6 +382,25 @@ class Engine:
         logits_BV = torch.stack([prefills[s].logits_V for _, s in live])
         self._sample_rows(list(range(len(self._running) - len(live), len(self._running))),
                           logits_BV)
+
+    def _take_fairly(self, room: int) -> list[GenerationRequest]:
+        """Up to ``room`` waiting requests, one per client in turn (clients in order of their
+        oldest waiting request, each client's requests in order): a client that asks for
+        thousands of sequences cannot hold every other client back until all of them are done."""
+        queues: dict[int, collections.deque] = {}
+        for req in self._waiting:
+            queues.setdefault(req.client, collections.deque()).append(req)
+        taken: list[GenerationRequest] = []
+        while len(taken) < room and queues:
+            for client in list(queues):
+                if len(taken) == room:
+                    break
+                taken.append(queues[client].popleft())
+                if not queues[client]:
+                    del queues[client]
+        chosen = {id(r) for r in taken}
+        self._waiting = collections.deque(r for r in self._waiting if id(r) not in chosen)
+        return taken
 
     def _merge(self, prefills: list[_Prefill]) -> None:
         """Append prefilled rows to the running batch, left-padding KV to a common length."""

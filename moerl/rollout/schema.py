@@ -46,6 +46,11 @@ class Limits:
     context_length: int
     sampling_mask_max_tokens: int
     max_sequences_per_request: int = 4096  # prompts x n
+    # What one request may cost: the tokens it makes the engine hold (prompt + max_new_tokens,
+    # summed over sequences) and an upper estimate of its response's bytes.
+    max_tokens_per_request: int = 1 << 20
+    max_response_bytes: int = 64 << 20
+    route_entries_per_token: int = 0  # MoE layers x top-k: the size of one position's routes
 
 
 @dataclass(frozen=True)
@@ -276,9 +281,10 @@ def parse_generate_request(body: Any, *, limits: Limits) -> tuple[list[GenerateI
     return_logprob = _per_item(body, "return_logprob", num, False, _bool)
     return_mask = _per_item(body, "return_sampling_mask", num, False, _bool)
     modes = _per_item(body, "sampling_logprobs_mode", num, None, _parse_mode)
-    return_routes = _bool("return_routed_experts", body.get("return_routed_experts") or False)
-    start_len = _int("routed_experts_start_len", body.get("routed_experts_start_len") or 0)
-    compact = _bool("moerl_compact", body.get("moerl_compact") or False)
+    # Absent or null means the default; any other value must have the right type ("" is not 0).
+    return_routes = _bool("return_routed_experts", _given(body, "return_routed_experts", False))
+    start_len = _int("routed_experts_start_len", _given(body, "routed_experts_start_len", 0))
+    compact = _bool("moerl_compact", _given(body, "moerl_compact", False))
     rids = _parse_rids(body.get("rid"), num, n)
     items = []
     for i, (prompt, (spec, _)) in enumerate(zip(prompts, parsed)):
@@ -300,7 +306,44 @@ def parse_generate_request(body: Any, *, limits: Limits) -> tuple[list[GenerateI
                 return_logprob=return_logprob[i], return_routes=return_routes,
                 routes_start_len=start_len, return_mask=return_mask[i],
                 mask_mode=modes[i] or "selected", compact=compact))
+    _check_cost(items, limits)
     return items, single and n == 1
+
+
+def _given(body: dict, key: str, default: Any) -> Any:
+    value = body.get(key)
+    return default if value is None else value
+
+
+def _check_cost(items: list[GenerateItem], limits: Limits) -> None:
+    """Refuse, before any work, a request whose tokens or response would exceed the limits."""
+    tokens = sum(len(it.prompt_ids) + it.sampling.max_new_tokens for it in items)
+    if tokens > limits.max_tokens_per_request:
+        raise RequestError(
+            f"this request asks for {tokens} tokens (prompt + max_new_tokens over {len(items)} "
+            f"sequences), more than the server's limit of {limits.max_tokens_per_request} "
+            f"(--max-request-tokens): split it, or lower n or max_new_tokens", status=413)
+    size = sum(_response_bytes(it, limits) for it in items)
+    if size > limits.max_response_bytes:
+        raise RequestError(
+            f"this request's response could reach {size >> 20} MiB, more than the server's limit "
+            f"of {limits.max_response_bytes >> 20} MiB (--max-response-mb): split it, lower n or "
+            f"max_new_tokens, or ask for fewer routes/masks", status=413)
+
+
+def _response_bytes(item: GenerateItem, limits: Limits) -> int:
+    """A generous upper estimate of one sequence's share of the JSON response."""
+    out = item.sampling.max_new_tokens
+    size = 256 + 8 * out  # meta_info and the output ids
+    if item.return_logprob:
+        size += 48 * out
+    if item.return_routes:
+        positions = len(item.prompt_ids) + out - item.routes_start_len
+        size += positions * limits.route_entries_per_token * (2 if item.compact else 4)
+    if item.return_mask:
+        kept = min(limits.vocab_size, item.sampling.top_k, limits.sampling_mask_max_tokens)
+        size += out * kept * (2 if item.compact else 7)
+    return size
 
 
 def _parse_mode(key: str, v: Any) -> str:

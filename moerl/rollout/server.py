@@ -58,7 +58,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 import moerl
-from moerl.rollout import schema
+from moerl.rollout import http_guard, schema
 from moerl.rollout.engine import Engine, GenerationRequest
 from moerl.rollout.protocol import (
     COMPACT_MASK_ENCODING,
@@ -73,6 +73,15 @@ API_KEY_ENV = "MOERL_ROLLOUT_API_KEY"
 _OPEN, _NORMAL, _ADMIN = "open", "normal", "admin"
 
 
+
+def _connection_settings(idle_timeout_s: float) -> dict:
+    """A client that disconnects cancels its handler, whose /generate then aborts its sequences
+    (aiohttp's default since 3.9 lets the handler run on); a connection that sends nothing for
+    ``idle_timeout_s`` (before its first request or between requests) is closed (aiohttp's
+    default is an hour)."""
+    return {"handler_cancellation": True, "keepalive_timeout": idle_timeout_s}
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=json.dumps(data).encode(), status=status,
                         content_type="application/json")
@@ -80,7 +89,8 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 def error_response(status: int, message: str) -> web.Response:
     kind = {400: "BadRequestError", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
-            405: "MethodNotAllowed", 413: "PayloadTooLarge", 503: "ServiceUnavailable"}.get(
+            405: "MethodNotAllowed", 408: "RequestTimeout", 413: "PayloadTooLarge", 415: "UnsupportedMediaType",
+            503: "ServiceUnavailable"}.get(
         status, "InternalServerError" if status >= 500 else "BadRequestError")
     return _json({"error": {"message": message, "type": kind, "code": status}}, status)
 
@@ -93,8 +103,13 @@ class RolloutServer:
     """The aiohttp application: request validation, auth, and the bridge to the engine thread."""
 
     def __init__(self, engine: Engine, *, api_key: str | None, max_request_bytes: int,
-                 weight_sync_timeout_s: float, return_routed_experts: bool = True):
+                 weight_sync_timeout_s: float, return_routed_experts: bool = True,
+                 max_request_tokens: int = schema.Limits.max_tokens_per_request,
+                 max_response_bytes: int = schema.Limits.max_response_bytes,
+                 allowed_hosts: frozenset | None = None, body_timeout_s: float = 60.0):
         self.engine = engine
+        self.body_timeout_s = body_timeout_s
+        self.allowed_hosts = allowed_hosts  # None: any Host header (see http_guard)
         # Off: like SGLang without --enable-return-routed-experts, requests may ask for routes
         # but responses carry none.
         self.return_routed_experts = return_routed_experts
@@ -102,9 +117,12 @@ class RolloutServer:
         self.model_path = engine.model_dir
         self.max_request_bytes = max_request_bytes
         self.weight_sync_timeout_s = weight_sync_timeout_s
-        self.limits = schema.Limits(vocab_size=engine.layout.vocab_size,
-                                    context_length=engine.context_length,
-                                    sampling_mask_max_tokens=engine.sampling_mask_max_tokens)
+        self.limits = schema.Limits(
+            vocab_size=engine.layout.vocab_size, context_length=engine.context_length,
+            sampling_mask_max_tokens=engine.sampling_mask_max_tokens,
+            max_tokens_per_request=max_request_tokens, max_response_bytes=max_response_bytes,
+            route_entries_per_token=len(engine.layout.moe_layers) * engine.layout.top_k)
+        self._num_calls = 0  # /generate calls so far: each call is one client of the engine
         self._groups: dict[str, Any] = {}
         self._session_open = False
         # Weight transfers block on collectives: one at a time, off the event loop.
@@ -150,10 +168,17 @@ class RolloutServer:
         if level == _ADMIN and self.api_key is None:
             return error_response(403, f"{request.path} changes the server and requires an API "
                                        f"key, but this server was started without --api-key")
+        if not http_guard.host_allowed(request.headers.get("Host"), self.allowed_hosts):
+            return error_response(403, f"Host header {request.headers.get('Host')!r} is not "
+                                       f"this server's address: start it with --api-key, or "
+                                       f"name the host with --allowed-hosts")
+        if request.can_read_body and not http_guard.is_json(request.headers.get(
+                "Content-Type", "")):
+            return error_response(415, f"request bodies must be JSON (Content-Type: "
+                                       f"application/json), got {request.content_type!r}")
         if self.api_key is None:
             return None
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), self.api_key):
+        if not http_guard.token_matches(request.headers.get("Authorization", ""), self.api_key):
             return error_response(401, "Unauthorized: missing or wrong 'Authorization: Bearer "
                                        "<api key>' header")
         return None
@@ -179,18 +204,26 @@ class RolloutServer:
             return error_response(500, "Internal server error")
 
     async def _body(self, request: web.Request) -> Any:
-        raw = await request.read()
+        try:
+            raw = await asyncio.wait_for(request.read(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(f"the request body did not arrive within {self.body_timeout_s:g} "
+                               f"s (--body-timeout-s)", status=408) from None
         if not raw:
             return None
         try:
             return json.loads(raw, parse_constant=_reject_constant)
         except (UnicodeDecodeError, ValueError) as e:
             raise RequestError(f"malformed JSON body: {e}") from e
+        except RecursionError:
+            raise RequestError("malformed JSON body: nested too deeply") from None
 
     # ------------------------------------------------------------------ info
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200 if self.engine.alive else 503)
+        """200 only when the engine thread runs and its last step did not fail."""
+        healthy = self.engine.alive and self.engine.last_error is None
+        return web.Response(status=200 if healthy else 503)
 
     async def model_info(self, request: web.Request) -> web.Response:
         e = self.engine
@@ -233,12 +266,14 @@ class RolloutServer:
 
         if not self.return_routed_experts:
             items = [dataclasses.replace(it, return_routes=False) for it in items]
-        reqs = [GenerationRequest(item=it, done=resolver(f)) for it, f in zip(items, futures)]
+        self._num_calls += 1
+        reqs = [GenerationRequest(item=it, done=resolver(f), client=self._num_calls)
+                for it, f in zip(items, futures)]
         self.engine.submit(reqs)
         try:
             outs = await asyncio.gather(*futures)
         except asyncio.CancelledError:  # client went away: free the engine's capacity
-            self.engine.abort({r.rid for r in reqs}, "client disconnected")
+            self.engine.cancel(reqs, "client disconnected")
             raise
         for out in outs:
             reason = out["meta_info"]["finish_reason"]
@@ -305,7 +340,12 @@ class RolloutServer:
         req = schema.parse_control(await self._body(request), schema.UPDATE_FROM_DISK_SCHEMA,
                                    endpoint="update_weights_from_disk")
         path = Path(req["model_path"])
-        if not path.is_dir():
+        try:
+            is_dir = path.is_dir()
+        except OSError as e:  # e.g. a name too long for the file system
+            return _json({"success": False, "message": f"model_path is unusable: {e}",
+                          "num_paused_requests": 0}, 400)
+        if not is_dir:
             return _json({"success": False, "message": f"model_path {str(path)!r} is not a "
                           f"directory", "num_paused_requests": 0}, 400)
 
@@ -315,6 +355,7 @@ class RolloutServer:
             tensors = list(iter_safetensors_dir(path))
             for name, t in tensors:  # validate everything before writing anything
                 self.writer.check(name, t.shape)
+                self.writer.check_values(name, t)
             return tensors
         try:
             tensors = await asyncio.get_running_loop().run_in_executor(self._io_pool, load)
@@ -407,9 +448,12 @@ class RolloutServer:
         group, backend = entry
 
         def receive() -> list:
-            return receive_tensors(group, req["names"], req["dtypes"], req["shapes"],
-                                   load_format=req["load_format"],
-                                   device="cuda" if backend == "nccl" else "cpu")
+            tensors = receive_tensors(group, req["names"], req["dtypes"], req["shapes"],
+                                      load_format=req["load_format"],
+                                      device="cuda" if backend == "nccl" else "cpu")
+            for name, t in tensors:  # the collective is done; refuse before writing anything
+                self.writer.check_values(name, t)
+            return tensors
         try:
             tensors = await asyncio.get_running_loop().run_in_executor(self._sync_pool, receive)
         except Exception as e:
@@ -419,6 +463,16 @@ class RolloutServer:
 
 
 # ---------------------------------------------------------------------------------- CLI
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -431,6 +485,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-with-parent", type=int, default=0, metavar="PID",
                    help="shut down when the process PID (the launcher) exits")
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--allowed-hosts", default="",
+                   help="without --api-key, requests must carry a Host header naming the bound "
+                        "address or localhost; add comma-separated names here ('*': any)")
     p.add_argument("--port", type=int, default=30000, help="0 picks a free port")
     p.add_argument("--port-file", help="write the bound port here once listening")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -439,7 +496,20 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds requests without sampling_seed")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--sampling-mask-max-tokens", type=int, default=4096)
-    p.add_argument("--max-request-mb", type=float, default=16.0)
+    p.add_argument("--max-request-mb", type=_positive(float), default=16.0,
+                   help="largest request body accepted (> 0)")
+    p.add_argument("--idle-timeout-s", type=_positive(float), default=30.0,
+                   help="close a connection that sends nothing for this long")
+    p.add_argument("--body-timeout-s", type=_positive(float), default=60.0,
+                   help="answer 408 when a request body takes longer than this to arrive")
+    p.add_argument("--max-request-tokens", type=_positive(int),
+                   default=schema.Limits.max_tokens_per_request,
+                   help="most tokens (prompt + max_new_tokens, summed over the sequences) one "
+                        "/generate request may ask for; more is refused with 413")
+    p.add_argument("--max-response-mb", type=_positive(float),
+                   default=schema.Limits.max_response_bytes >> 20,
+                   help="largest estimated /generate response (ids, log-probs, routes, masks); "
+                        "a request that could exceed it is refused with 413")
     p.add_argument("--prompt-cache-mb", type=float, default=64.0)
     p.add_argument("--weight-version", default="default")
     p.add_argument("--weight-sync-timeout-s", type=float, default=600.0)
@@ -471,8 +541,14 @@ async def _serve(args: argparse.Namespace) -> None:
     server = RolloutServer(engine, api_key=args.api_key,
                            max_request_bytes=int(args.max_request_mb * (1 << 20)),
                            weight_sync_timeout_s=args.weight_sync_timeout_s,
-                           return_routed_experts=not args.disable_return_routed_experts)
-    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=2.0)
+                           return_routed_experts=not args.disable_return_routed_experts,
+                           max_request_tokens=args.max_request_tokens,
+                           max_response_bytes=int(args.max_response_mb * (1 << 20)),
+                           allowed_hosts=http_guard.allowed_hosts(
+                               args.host, api_key=args.api_key, extra=args.allowed_hosts),
+                           body_timeout_s=args.body_timeout_s)
+    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=2.0,
+                           **_connection_settings(args.idle_timeout_s))
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
@@ -497,9 +573,13 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if any(a == "--api-key" or a.startswith("--api-key=") for a in argv):
+        logger.warning("--api-key on the command line is visible to every user of this machine "
+                       "(ps, /proc): pass it in $%s instead", API_KEY_ENV)
     import torch
     import transformers
 
@@ -610,16 +690,25 @@ class BackgroundServer:
 
     def __init__(self, model: str | Path, *, api_key: str | None = None, host: str = "127.0.0.1",
                  max_request_mb: float = 16.0, weight_sync_timeout_s: float = 600.0,
-                 **engine_kwargs: Any):
+                 max_request_tokens: int = schema.Limits.max_tokens_per_request,
+                 max_response_mb: float = schema.Limits.max_response_bytes >> 20,
+                 allowed_hosts: str = "", idle_timeout_s: float = 30.0,
+                 body_timeout_s: float = 60.0, **engine_kwargs: Any):
         import threading
 
         self.api_key = api_key
         self.host = host
+        self._idle_timeout_s = idle_timeout_s
         self.engine = Engine(model, **engine_kwargs)
         self.engine.start()
         self._server = RolloutServer(self.engine, api_key=api_key,
                                      max_request_bytes=int(max_request_mb * (1 << 20)),
-                                     weight_sync_timeout_s=weight_sync_timeout_s)
+                                     weight_sync_timeout_s=weight_sync_timeout_s,
+                                     max_request_tokens=max_request_tokens,
+                                     max_response_bytes=int(max_response_mb * (1 << 20)),
+                                     allowed_hosts=http_guard.allowed_hosts(
+                                         host, api_key=api_key, extra=allowed_hosts),
+                                     body_timeout_s=body_timeout_s)
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="moerl-http", daemon=True)
@@ -629,7 +718,8 @@ class BackgroundServer:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._runner = web.AppRunner(self._server.app(), access_log=None, shutdown_timeout=2.0)
+        self._runner = web.AppRunner(self._server.app(), access_log=None, shutdown_timeout=2.0,
+                                     **_connection_settings(self._idle_timeout_s))
         self._loop.run_until_complete(self._runner.setup())
         self._loop.run_until_complete(web.TCPSite(self._runner, self.host, 0).start())
         self.port = self._runner.addresses[0][1]

@@ -16,6 +16,7 @@ naming ``block_sparse_moe.experts.{e}.{w1,w3,w2}``).
 from __future__ import annotations
 
 import re
+import stat
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -87,6 +88,18 @@ class CheckpointWriter:
             raise ValueError(f"tensor {name!r} has shape {list(shape)}, the model expects "
                              f"{list(expected)}")
 
+    def check_values(self, name: str, tensor: torch.Tensor) -> None:
+        """Raise ValueError for values the model cannot serve with: an integer or boolean
+        tensor (a silent cast) or non-finite entries (every later forward would be NaN)."""
+        if name in self._skip:
+            return
+        if not tensor.is_floating_point():
+            raise ValueError(f"tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}"
+                             f"; weights must be floating point")
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ValueError(f"tensor {name!r} has {bad} non-finite value(s) (NaN or inf)")
+
     @torch.no_grad()
     def write(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Copy each tensor into its slot (cast to the parameter's dtype); returns how many."""
@@ -106,10 +119,27 @@ def iter_safetensors_dir(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]
     """All tensors of the ``*.safetensors`` files of a Hugging Face checkpoint directory."""
     from safetensors import safe_open
 
+    from safetensors import SafetensorError
+
+    root = Path(path).resolve()
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors files in {path}")
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        _check_regular_inside(file, root)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"{file} is not a valid safetensors file: {e}") from None
+
+
+def _check_regular_inside(file: Path, root: Path) -> None:
+    """Refuse a symlink that leads out of the checkpoint directory, and anything that is not a
+    regular file (a FIFO would block the reader forever)."""
+    target = file.resolve()
+    if not target.is_relative_to(root):
+        raise ValueError(f"{file} links to {target}, outside the checkpoint directory {root}")
+    if not stat.S_ISREG(target.stat().st_mode):
+        raise ValueError(f"{file} is not a regular file")
