@@ -546,8 +546,8 @@ _RANGES = [
     ("algorithm.clip_eps_high", 0, None, True, True),
     ("algorithm.dual_clip_c", 1, None, False, True),
     ("algorithm.kl_coef", 0, None, True, True),
-    ("algorithm.tis_cap", 0, None, False, True),
-    ("algorithm.icepop_low", 0, None, True, True),
+    ("algorithm.rollout_correction_low", 0, None, True, True),
+    ("algorithm.rollout_correction_high", 0, None, False, True),
     ("algorithm.max_refill_rounds", 0, None, True, True),
     ("algorithm.overlong_buffer", 0, None, True, True),
     ("algorithm.overlong_penalty", 0, None, True, True),
@@ -585,9 +585,6 @@ def _range_problems(config: Config) -> list[str]:
             problems.append(f"{key}={value} must be {'>=' if low_ok else '>'} {low}")
         if high is not None and (value > high or (value == high and not high_ok)):
             problems.append(f"{key}={value} must be {'<=' if high_ok else '<'} {high}")
-    if config.algorithm.icepop_high <= config.algorithm.icepop_low:
-        problems.append(f"algorithm.icepop_high={config.algorithm.icepop_high} must exceed "
-                        f"icepop_low={config.algorithm.icepop_low}")
     if config.rollout.url:
         problems += _url_problems("rollout.url", config.rollout.url)
     return problems
