@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
 from moerl.algos import AGGREGATIONS, dynamic_sampling_keep, local_denominators
 from moerl.algos import mismatch_metrics, ptx_loss
@@ -39,6 +38,7 @@ from moerl.batch import RolloutBatch, Sample, broadcast_batch, broadcast_json, p
 from moerl.checkpoint import CheckpointManager
 from moerl.config import Config, ConfigError, add_cli_arguments, config_from_args
 from moerl.config import describe_options, dump_yaml
+from moerl.data_parallel import DataParallel
 from moerl.objective import Objective, compute_advantages, loss_mask, policy_loss
 from moerl.tasks import Task, build_task
 from moerl.telemetry import StageTimer, Telemetry
@@ -46,7 +46,7 @@ from moerl.telemetry import StageTimer, Telemetry
 if TYPE_CHECKING:  # the trainer imports megatron, which takes seconds: only where it is used
     from moerl.rollout_manager import RolloutManager
     from moerl.tasks.pretrain import PretrainData
-    from moerl.trainer.actor import Actor
+    from moerl.trainer.actor import Actor, PassSettings
     from moerl.trainer.critic import Critic
     from moerl.trainer.model import MoEArchitecture
     from moerl.trainer.parallel import ParallelLayout, ProcessGroups
@@ -61,10 +61,12 @@ class Run:
     config: Config
     layout: ParallelLayout
     groups: ProcessGroups
+    dp: DataParallel  # the data-parallel group and this rank's rows
     arch: MoEArchitecture
     task: Task | None  # None in DPO mode
     pad_id: int
     actor: Actor
+    settings: PassSettings  # how the actor's passes turn logits into log-probs
     critic: Critic | None
     objective: Objective
     rollout: RolloutManager | None  # on rank 0 of an RL run, None elsewhere
@@ -178,44 +180,24 @@ def _keep_informative(samples: list[Sample]) -> list[Sample]:
     return [s for s, k in zip(samples, keep.tolist()) if k]
 
 
-def _dp_rows(run: Run, num_rows: int) -> torch.Tensor:
-    """This data-parallel rank's rows (strided, so every rank gets a similar mix)."""
-    return torch.arange(run.layout.dp_rank, num_rows, run.layout.dp)
-
-
-def _gather_rows(run: Run, tensor_BT: torch.Tensor) -> None:
-    """All-gather per-row results computed on each DP rank's rows into the full tensor."""
-    if run.layout.dp == 1:
-        return
-    from megatron.core import parallel_state as ps
-
-    summed = tensor_BT.clone()
-    mine = _dp_rows(run, tensor_BT.shape[0])
-    others = torch.ones(tensor_BT.shape[0], dtype=torch.bool)
-    others[mine] = False
-    summed[others] = 0
-    dist.all_reduce(summed, group=ps.get_data_parallel_group())
-    tensor_BT.copy_(summed)
-
-
 def reference_stage(run: Run, batch: RolloutBatch) -> None:
     if not run.objective.uses_ref:
         return
-    rows = _dp_rows(run, batch.batch_size)
-    run.actor.compute_ref_logprobs(batch, rows, _pass_settings(run))
-    _gather_rows(run, batch.ref_logprobs_BT)
+    rows = run.dp.owned_rows(batch.batch_size)
+    run.actor.compute_ref_logprobs(batch, rows, run.settings)
+    run.dp.gather_rows(batch.ref_logprobs_BT)
 
 
 def old_logprob_stage(run: Run, batch: RolloutBatch) -> dict:
     """pi_old (routing per mode, keep-mask per flag), plus mismatch and routing telemetry."""
     from moerl.trainer.routing_replay import routing_agreement
 
-    rows = _dp_rows(run, batch.batch_size)
-    entropy_BT = run.actor.compute_old_logprobs(batch, rows, _pass_settings(run))
-    _gather_rows(run, batch.old_logprobs_BT)
-    _gather_rows(run, entropy_BT)
+    rows = run.dp.owned_rows(batch.batch_size)
+    entropy_BT = run.actor.compute_old_logprobs(batch, rows, run.settings)
+    run.dp.gather_rows(batch.old_logprobs_BT)
+    run.dp.gather_rows(entropy_BT)
     if run.layout.dp > 1:
-        _gather_rows(run, batch.trainer_routes_BTLK)
+        run.dp.gather_rows(batch.trainer_routes_BTLK)
     mask = batch.response_mask_BT
     metrics = {f"mismatch/{k.removeprefix('mismatch_')}": v.item() for k, v in
                mismatch_metrics(batch.old_logprobs_BT, batch.rollout_logprobs_BT, mask).items()}
@@ -236,22 +218,22 @@ def old_logprob_stage(run: Run, batch: RolloutBatch) -> dict:
 def value_stage(run: Run, batch: RolloutBatch) -> None:
     if run.critic is None:
         return
-    rows = _dp_rows(run, batch.batch_size)
+    rows = run.dp.owned_rows(batch.batch_size)
     run.critic.compute_values(batch, rows, micro_batch_size=run.config.training.micro_batch_size)
-    _gather_rows(run, batch.values_BT)
+    run.dp.gather_rows(batch.values_BT)
 
 
 def update_stage(run: Run, batch: RolloutBatch, step: int) -> dict:
     """``epochs`` passes over the batch, each split into ``mini_batches`` optimizer steps."""
     cfg = run.config.training
-    settings = _pass_settings(run)
+    settings = run.settings
     per_step: list[dict] = []
     for epoch in range(cfg.epochs):
         order = torch.randperm(batch.batch_size, generator=torch.Generator().manual_seed(
             cfg.seed * 100_003 + step * 101 + epoch))
         for mini in order.chunk(cfg.mini_batches):
             mini = mini.sort().values
-            mine = mini[_dp_rows(run, len(mini))]
+            mine = mini[run.dp.owned_rows(len(mini))]
             tokens, seqs = _global_denominators(run, batch, mini)
 
             def loss_fn(mb, logprobs_BT, entropy_BT):
@@ -273,7 +255,7 @@ def update_stage(run: Run, batch: RolloutBatch, step: int) -> dict:
             per_step.append(metrics)
     merged = {k: sum(m[k] for m in per_step) / len(per_step) for k in per_step[0]}
     merged["skipped"] = sum(m["skipped"] for m in per_step)
-    return _mean_over_dp(run, merged)
+    return run.dp.mean_metrics(merged)
 
 
 def _ptx_batch(run: Run, index: int, count: int):
@@ -284,10 +266,7 @@ def _ptx_batch(run: Run, index: int, count: int):
     batch = run.ptx.batch(index * run.layout.dp + run.layout.dp_rank, count,
                           pad_multiple=run.layout.tp)
     tokens = batch.response_mask_BT.sum().float()
-    if run.layout.dp > 1:
-        from megatron.core import parallel_state as ps
-
-        dist.all_reduce(tokens, group=ps.get_data_parallel_group())
+    run.dp.sum_(tokens)
     coef = run.config.algorithm.ptx_coef
 
     def loss_fn(mb, logprobs_BT, _entropy):
@@ -332,31 +311,9 @@ def eval_stage(run: Run, step: int, *, force: bool = False) -> dict:
 # ============================================================================ helpers
 
 
-def _pass_settings(run: Run):
-    from moerl.trainer.actor import PassSettings
-    from moerl.trainer.routing_replay import ReplayMode
-
-    cfg = run.config
-    return PassSettings(temperature=cfg.rollout.temperature,
-                        keep_sampling_mask=cfg.algorithm.keep_sampling_mask,
-                        replay=ReplayMode(cfg.algorithm.routing_replay),
-                        micro_batch_size=cfg.training.micro_batch_size)
-
-
 def _broadcast_metrics(run: Run, metrics: dict) -> dict:
     """Rank 0's scalar metrics on every rank."""
     return metrics if run.layout.world == 1 else broadcast_json(metrics, src=0)
-
-
-def _mean_over_dp(run: Run, metrics: dict) -> dict:
-    if run.layout.dp == 1:
-        return metrics
-    from megatron.core import parallel_state as ps
-
-    keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(values, group=ps.get_data_parallel_group())
-    return {k: v / run.layout.dp for k, v in zip(keys, values.tolist())}
 
 
 # ============================================================================ set-up
@@ -366,7 +323,7 @@ def setup(cfg: Config) -> tuple[Run, int]:
     """Validate against the model, initialise parallelism, build actor/critic/server; resume."""
     from moerl.rollout.protocol import MoeLayout
     from moerl.rollout_manager import RolloutManager, SamplingSettings
-    from moerl.trainer.actor import Actor
+    from moerl.trainer.actor import Actor, PassSettings
     from moerl.trainer.model import architecture_from_hf, validate_architecture_layout
     from moerl.trainer.parallel import init_parallel
 
@@ -452,8 +409,9 @@ def setup(cfg: Config) -> tuple[Run, int]:
     telemetry = Telemetry(out_dir, total_steps=tr.steps, start_step=start_step,
                           tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                           enabled=layout.rank == 0)
-    run = Run(config=cfg, layout=layout, groups=groups, arch=arch, task=task, pad_id=pad_id,
-              actor=actor, critic=critic, objective=objective, rollout=rollout, ptx=ptx,
+    run = Run(config=cfg, layout=layout, groups=groups, dp=DataParallel.from_layout(layout, groups),
+              arch=arch, task=task, pad_id=pad_id,
+              actor=actor, settings=PassSettings.from_config(cfg), critic=critic, objective=objective, rollout=rollout, ptx=ptx,
               checkpoints=checkpoints,
               telemetry=telemetry)
     if rl and (start_step > 0 or cfg.rollout.server == "external"):

@@ -49,6 +49,14 @@ class PassSettings:
     replay: ReplayMode
     micro_batch_size: int
 
+    @classmethod
+    def from_config(cls, cfg) -> "PassSettings":
+        """From a ``moerl.config.Config``: rollout temperature, keep-mask, replay, micro-batch."""
+        return cls(temperature=cfg.rollout.temperature,
+                   keep_sampling_mask=cfg.algorithm.keep_sampling_mask,
+                   replay=ReplayMode(cfg.algorithm.routing_replay),
+                   micro_batch_size=cfg.training.micro_batch_size)
+
 
 class Actor:
     def __init__(self, *, arch: MoEArchitecture, layout: ParallelLayout, groups: ProcessGroups,
