@@ -11,8 +11,11 @@ Every tensor these collectives move lives on the host (batches, per-row results 
 process group is ``cpu:gloo,cuda:nccl`` when CUDA is present (``init_parallel``).
 
 Row ownership: data-parallel rank ``r`` owns rows ``r, r + dp, r + 2*dp, ...`` of the rollout
-batch in the log-prob, value and reference passes (strided, so every rank gets a similar mix of
-prompts).
+batch (strided, so every rank gets a similar mix of prompts) in every stage, the updates
+included: an update's mini-batch ``i`` is, on every rank, chunk ``i`` of a shared-seed shuffle of
+the rank's own rows. A rank therefore only ever needs the heavy per-row data (routes, sampling
+masks) of its own rows, which is all the sharded batch transport sends it
+(``moerl.batch_transport``). With one data-parallel rank this is the plain shuffle of the batch.
 """
 
 from __future__ import annotations
@@ -39,6 +42,27 @@ class DataParallel:
     def owned_rows(self, num_rows: int, rank: int | None = None) -> torch.Tensor:
         """The rows of a ``num_rows`` batch that data-parallel ``rank`` (default: this one) owns."""
         return torch.arange(self.rank if rank is None else rank, num_rows, self.size)
+
+    def mini_batches(self, num_rows: int, num_mini_batches: int,
+                     seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(this rank's rows, every rank's rows)`` of each mini-batch of one epoch, both sorted.
+
+        Each rank shuffles its own rows with the same seed and chunks them into at most
+        ``num_mini_batches`` pieces; mini-batch ``i`` is the union of every rank's chunk ``i``
+        (empty where a rank has fewer chunks, so every rank takes the same number of optimizer
+        steps), and every rank can compute global loss denominators without communicating.
+        """
+        per_rank = []
+        for rank in range(self.size):
+            rows = self.owned_rows(num_rows, rank)
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+            per_rank.append(rows[order].chunk(num_mini_batches))
+        empty = torch.empty(0, dtype=torch.long)
+        out = []
+        for i in range(max(len(chunks) for chunks in per_rank)):
+            pieces = [chunks[i] if i < len(chunks) else empty for chunks in per_rank]
+            out.append((pieces[self.rank].sort().values, torch.cat(pieces).sort().values))
+        return out
 
     def gather_rows(self, tensor_B: torch.Tensor) -> None:
         """In place: rows owned by other ranks filled with their values (each rank computed its

@@ -7,10 +7,12 @@ One RL step reads as the pipeline (DESIGN.md):
     prompts -> rollout -> rewards -> dynamic sampling -> reference log-probs -> old log-probs
     -> advantages -> mini-batch updates -> weight sync -> metrics -> checkpoint
 
-Rank 0 drives the rollout server and scores samples; the packed batch is broadcast to every
-rank. Each data-parallel rank computes the log-probs of its share of the rows, which are then
-all-gathered so advantages see the whole batch. Updates split every mini-batch across
-data-parallel ranks; loss denominators are global, gradients are summed.
+Rank 0 drives the rollout server and scores samples; the packed batch goes to every rank, its
+routes and sampling masks only to the data-parallel rank that owns their rows
+(``moerl.batch_transport``). Each data-parallel rank computes the log-probs of its own rows
+(``moerl.data_parallel``), which are then all-gathered so advantages see the whole batch, and
+trains on its own rows: every mini-batch is split across data-parallel ranks; loss denominators
+are global, gradients are summed.
 
 Deviations from the papers' algorithms, all deliberate:
 - pi_old in the PPO ratio is the trainer's recompute (``old_logprobs``), not the engine's
@@ -34,7 +36,8 @@ import torch
 
 from moerl.algos import AGGREGATIONS, dynamic_sampling_keep, local_denominators
 from moerl.algos import mismatch_metrics, ptx_loss
-from moerl.batch import RolloutBatch, Sample, broadcast_batch, broadcast_json, pack_samples
+from moerl.batch import RolloutBatch, Sample, broadcast_json, pack_samples
+from moerl.batch_transport import send_batch
 from moerl.checkpoint import CheckpointManager
 from moerl.config import Config, ConfigError, add_cli_arguments, config_from_args
 from moerl.config import describe_options, dump_yaml
@@ -119,13 +122,15 @@ def train(run: Run, start_step: int) -> None:
 
 
 def rollout_stage(run: Run, step: int) -> tuple[RolloutBatch, dict]:
-    """Rank 0 generates and scores; dynamic sampling refills; the batch goes to every rank."""
+    """Rank 0 generates and scores; dynamic sampling refills; the batch goes to every rank (the
+    routes and masks of a data-parallel rank's rows only to that rank, by default)."""
     batch, metrics = None, {}
     if run.is_driver:
         samples, metrics = _collect_samples(run, step)
         batch = pack_samples(samples, pad_id=run.pad_id,
                              pad_multiple=run.layout.tp, arch=run.arch)
-    batch = broadcast_batch(batch, src=0, group=run.groups.world)
+    batch = send_batch(batch, transport=run.config.parallel.batch_transport, dp=run.dp,
+                       world_group=run.groups.world)
     metrics = _broadcast_metrics(run, metrics)
     return batch, metrics
 
@@ -190,23 +195,25 @@ def reference_stage(run: Run, batch: RolloutBatch) -> None:
 
 def old_logprob_stage(run: Run, batch: RolloutBatch) -> dict:
     """pi_old (routing per mode, keep-mask per flag), plus mismatch and routing telemetry."""
-    from moerl.trainer.routing_replay import routing_agreement
+    from moerl.trainer.routing_replay import agreement_from_counts, routing_agreement_counts
 
     rows = run.dp.owned_rows(batch.batch_size)
     entropy_BT = run.actor.compute_old_logprobs(batch, rows, run.settings)
     run.dp.gather_rows(batch.old_logprobs_BT)
     run.dp.gather_rows(entropy_BT)
-    if run.layout.dp > 1:
-        run.dp.gather_rows(batch.trainer_routes_BTLK)
     mask = batch.response_mask_BT
     metrics = {f"mismatch/{k.removeprefix('mismatch_')}": v.item() for k, v in
                mismatch_metrics(batch.old_logprobs_BT, batch.rollout_logprobs_BT, mask).items()}
     metrics["entropy/old"] = ((entropy_BT * mask).sum() / mask.sum().clamp(min=1)).item()
     if batch.routes_BTLK is not None:
         # Routes exist for every real position but the last token of each sample.
+        # Each rank holds routes of its own rows: counts add up over data-parallel ranks.
         positions = torch.arange(batch.seq_len)
-        routed_BT = positions < (batch.prompt_lengths_B + batch.response_lengths_B - 1)[:, None]
-        agreement = routing_agreement(batch.trainer_routes_BTLK, batch.routes_BTLK, routed_BT)
+        routed_bT = positions < (batch.prompt_lengths_B + batch.response_lengths_B - 1)[rows, None]
+        heavy = batch.heavy_index(rows)
+        counts = routing_agreement_counts(batch.trainer_routes_BTLK[heavy],
+                                          batch.routes_BTLK[heavy], routed_bT)
+        agreement = agreement_from_counts(run.dp.sum_(counts))
         per_layer = agreement.pop("layer_agreement")
         metrics.update({f"routing/{k}": v.item() for k, v in agreement.items()})
         # Keyed by hidden-layer index, so dense layers simply have no entry.
@@ -229,11 +236,8 @@ def update_stage(run: Run, batch: RolloutBatch, step: int) -> dict:
     settings = run.settings
     per_step: list[dict] = []
     for epoch in range(cfg.epochs):
-        order = torch.randperm(batch.batch_size, generator=torch.Generator().manual_seed(
-            cfg.seed * 100_003 + step * 101 + epoch))
-        for mini in order.chunk(cfg.mini_batches):
-            mini = mini.sort().values
-            mine = mini[run.dp.owned_rows(len(mini))]
+        for mine, mini in run.dp.mini_batches(batch.batch_size, cfg.mini_batches,
+                                              seed=cfg.seed * 100_003 + step * 101 + epoch):
             tokens, seqs = _global_denominators(run, batch, mini)
 
             def loss_fn(mb, logprobs_BT, entropy_BT):
@@ -411,7 +415,8 @@ def setup(cfg: Config) -> tuple[Run, int]:
                           enabled=layout.rank == 0)
     run = Run(config=cfg, layout=layout, groups=groups, dp=DataParallel.from_layout(layout, groups),
               arch=arch, task=task, pad_id=pad_id,
-              actor=actor, settings=PassSettings.from_config(cfg), critic=critic, objective=objective, rollout=rollout, ptx=ptx,
+              actor=actor, settings=PassSettings.from_config(cfg), critic=critic,
+              objective=objective, rollout=rollout, ptx=ptx,
               checkpoints=checkpoints,
               telemetry=telemetry)
     if rl and (start_step > 0 or cfg.rollout.server == "external"):

@@ -1,4 +1,5 @@
-"""Data-parallel plumbing: host collectives survive the GPU init, rows partition, no import cycles."""
+"""Data-parallel plumbing: host collectives survive the GPU init, rows partition, no import
+cycles."""
 
 from __future__ import annotations
 

@@ -102,8 +102,8 @@ def init_parallel(*, tp: int, ep: int, etp: int, seed: int,
                   timeout_s: float = 600.0) -> tuple[ParallelLayout, ProcessGroups]:
     """Initialise torch.distributed (from torchrun's environment) and Megatron's groups.
 
-    Backend: :func:`default_backend` (host tensors on gloo, CUDA tensors on NCCL). Also applies the CPU patches when CUDA is
-    absent and seeds Megatron's model-parallel RNG tracker.
+    Backend: :func:`default_backend` (host tensors on gloo, CUDA tensors on NCCL). Also applies
+    the CPU patches when CUDA is absent and seeds Megatron's model-parallel RNG tracker.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
