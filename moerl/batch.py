@@ -40,7 +40,8 @@ class Sample:
     full_logprobs_R: torch.Tensor
     finish_reason: str  # "stop" | "length" | "abort"
     weight_version: str = ""
-    # Expert ids per (position, hidden layer, k), int32 [P+R-1, L_all, K], SGLang's layout: the
+    # Expert ids per (position, hidden layer, k), [P+R-1, L_all, K] in the smallest integer type
+    # holding the expert count (moerl.routes.route_dtype), SGLang's layout otherwise: the
     # final token never went through the model; dense layers are rows of zeros. None when routes
     # were not requested.
     routes_TLK: torch.Tensor | None = None
@@ -86,9 +87,13 @@ class RolloutBatch:
     # -- what the rollout engine did
     rollout_logprobs_BT: torch.Tensor  # float32, behaviour log-probs (0 outside the mask)
     truncated_B: torch.Tensor  # bool, finish_reason == "length"
-    routes_BTLK: torch.Tensor | None = None  # int32 rollout routes, MoE layers only, pads distinct
-    kept_ids_M: torch.Tensor | None = None  # int64 CSR of kept ids over all B*T positions (row-major)
-    kept_offsets_N1: torch.Tensor | None = None  # int64 [B*T + 1]; empty row = full vocabulary
+    # The heavy per-token data cover the rows in heavy_rows_b only, in that order ([b, ...] with
+    # b = len(heavy_rows_b)); every row when it is None. A data-parallel rank holds those of the
+    # rows it owns (moerl.batch_transport); select() maps rows to them.
+    routes_BTLK: torch.Tensor | None = None  # route_dtype rollout routes, MoE layers, pads distinct
+    kept_ids_M: torch.Tensor | None = None  # int64 CSR of kept ids over b*T positions, row-major
+    kept_offsets_N1: torch.Tensor | None = None  # int64 [b*T + 1]; empty row = full vocabulary
+    heavy_rows_b: torch.Tensor | None = None  # int64, rows of the heavy fields; None = all
     # -- rewards
     group_ids_B: torch.Tensor | None = None  # int64, samples of one prompt share an id
     scores_B: torch.Tensor | None = None  # float32, the verifier's score (accuracy)
@@ -96,7 +101,7 @@ class RolloutBatch:
     # -- filled by the trainer
     ref_logprobs_BT: torch.Tensor | None = None
     old_logprobs_BT: torch.Tensor | None = None
-    trainer_routes_BTLK: torch.Tensor | None = None  # int32, routes recorded in the old pass (r2)
+    trainer_routes_BTLK: torch.Tensor | None = None  # heavy: routes recorded in the old pass
     values_BT: torch.Tensor | None = None
     token_rewards_BT: torch.Tensor | None = None
     advantages_BT: torch.Tensor | None = None
@@ -121,16 +126,35 @@ class RolloutBatch:
         for name in _PER_SAMPLE:
             value = getattr(self, name)
             out[name] = None if value is None else value[rows]
-        for name in _PER_TOKEN + _PER_TOKEN_EXTRA:
+        for name in _PER_TOKEN:
             value = getattr(self, name)
             out[name] = None if value is None else value[rows, :width].contiguous()
+        heavy = self.heavy_index(rows)
+        for name in _PER_TOKEN_EXTRA:
+            value = getattr(self, name)
+            out[name] = None if value is None else value[heavy, :width].contiguous()
         if width > self.seq_len:  # pad_multiple larger than the batch's own padding
             raise ValueError(f"batch width {self.seq_len} is not a multiple of {pad_multiple}")
         out["kept_ids_M"], out["kept_offsets_N1"] = None, None
         if self.kept_offsets_N1 is not None:
             out["kept_ids_M"], out["kept_offsets_N1"] = _select_csr(
-                self.kept_ids_M, self.kept_offsets_N1, rows, self.seq_len, width)
+                self.kept_ids_M, self.kept_offsets_N1, heavy, self.seq_len, width)
         return RolloutBatch(**out)
+
+    def heavy_index(self, rows: torch.Tensor) -> torch.Tensor:
+        """Positions of ``rows`` in the heavy fields (see ``heavy_rows_b``)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if self.heavy_rows_b is None:
+            return rows
+        index_B = torch.full((self.batch_size,), -1, dtype=torch.long)
+        index_B[self.heavy_rows_b] = torch.arange(len(self.heavy_rows_b))
+        local = index_B[rows]
+        assert bool((local >= 0).all()), "rows outside this rank's share of the routes and masks"
+        return local
+
+    @property
+    def num_heavy_rows(self) -> int:
+        return self.batch_size if self.heavy_rows_b is None else len(self.heavy_rows_b)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every non-None field, for broadcasting and checkpointing."""

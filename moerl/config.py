@@ -63,6 +63,11 @@ class ParallelConfig:
     """Expert tensor-parallel size (experts are usually not tensor-split: 1)."""
     distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (ZeRO-1, megatron's distributed optimizer)."""
+    batch_transport: Literal["sharded", "broadcast"] = "sharded"
+    """How rank 0 hands the rollout batch to the other ranks. sharded: every rank gets the
+    per-sample and [B, T] fields of the whole batch but the expert routes and sampling masks only
+    of its data-parallel rank's rows (1/DP of them); broadcast: every rank gets everything. Same
+    training results either way; see moerl.batch_transport."""
 
 
 @dataclass(frozen=True)

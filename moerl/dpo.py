@@ -63,7 +63,6 @@ def _dpo_terms(mb: RolloutBatch, logprobs_BT: torch.Tensor, beta: float):
 
 def train_dpo(run, start_step: int) -> None:
     from moerl.telemetry import StageTimer
-    from moerl.train import _pass_settings, _reduce_over_dp
 
     cfg = run.config
     pairs = load_pairs(cfg.task.path, cfg.model.hf_path)
@@ -72,7 +71,7 @@ def train_dpo(run, start_step: int) -> None:
                          f"task.eval_size={cfg.task.eval_size}")
     train_pairs, eval_pairs = pairs[:-cfg.task.eval_size], pairs[-cfg.task.eval_size:]
     per_step = cfg.rollout.prompts_per_step
-    settings = _pass_settings(run)
+    settings = run.settings
     if settings.micro_batch_size % 2:
         raise ValueError("DPO needs an even training.micro_batch_size (pairs stay together)")
     beta = cfg.algorithm.dpo_beta
@@ -100,13 +99,13 @@ def train_dpo(run, start_step: int) -> None:
         metrics.update(grad_norm=result.grad_norm, skipped=float(not result.ok))
         if cfg.training.eval_every and (step + 1) % cfg.training.eval_every == 0:
             metrics["eval/reward_accuracy"] = _eval_accuracy(run, eval_batch, settings, beta)
-        run.telemetry.log(step, {**_reduce_over_dp(run, metrics), **timer.metrics()})
+        run.telemetry.log(step, {**run.dp.reduce_metrics(metrics), **timer.metrics()})
         if run.checkpoints.due(step + 1):
             run.checkpoints.save(step + 1, run)
 
 
 def _dp_pair_rows(run, num_rows: int) -> torch.Tensor:
-    pairs = torch.arange(run.layout.dp_rank, num_rows // 2, run.layout.dp)
+    pairs = run.dp.owned_rows(num_rows // 2)
     return torch.stack([2 * pairs, 2 * pairs + 1], dim=1).reshape(-1)
 
 

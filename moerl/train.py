@@ -7,10 +7,12 @@ One RL step reads as the pipeline (DESIGN.md):
     prompts -> rollout -> rewards -> dynamic sampling -> reference log-probs -> old log-probs
     -> advantages -> mini-batch updates -> weight sync -> metrics -> checkpoint
 
-Rank 0 drives the rollout server and scores samples; the packed batch is broadcast to every
-rank. Each data-parallel rank computes the log-probs of its share of the rows, which are then
-all-gathered so advantages see the whole batch. Updates split every mini-batch across
-data-parallel ranks; loss denominators are global, gradients are summed.
+Rank 0 drives the rollout server and scores samples; the packed batch goes to every rank, its
+routes and sampling masks only to the data-parallel rank that owns their rows
+(``moerl.batch_transport``). Each data-parallel rank computes the log-probs of its own rows
+(``moerl.data_parallel``), which are then all-gathered so advantages see the whole batch, and
+trains on its own rows: every mini-batch is split across data-parallel ranks; loss denominators
+are global, gradients are summed.
 
 Deviations from the papers' algorithms, all deliberate:
 - pi_old in the PPO ratio is the trainer's recompute (``old_logprobs``), not the engine's
@@ -31,14 +33,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
 from moerl.algos import AGGREGATIONS, CRITIC_ESTIMATORS, dynamic_sampling_keep, local_denominators
 from moerl.algos import mismatch_metrics, ptx_loss
-from moerl.batch import RolloutBatch, Sample, broadcast_batch, broadcast_json, pack_samples
+from moerl.batch import RolloutBatch, Sample, broadcast_json, pack_samples
+from moerl.batch_transport import send_batch
 from moerl.checkpoint import CheckpointManager
 from moerl.config import Config, ConfigError, add_cli_arguments, config_from_args
 from moerl.config import describe_options, dump_yaml
+from moerl.data_parallel import DataParallel
 from moerl.objective import Objective, compute_advantages, compute_rollout_weights, loss_mask
 from moerl.objective import policy_loss
 from moerl.tasks import Task, build_task
@@ -47,7 +50,7 @@ from moerl.telemetry import StageTimer, Telemetry
 if TYPE_CHECKING:  # the trainer imports megatron, which takes seconds: only where it is used
     from moerl.rollout_manager import RolloutManager
     from moerl.tasks.pretrain import PretrainData
-    from moerl.trainer.actor import Actor
+    from moerl.trainer.actor import Actor, PassSettings
     from moerl.trainer.critic import Critic
     from moerl.trainer.model import MoEArchitecture
     from moerl.trainer.parallel import ParallelLayout, ProcessGroups
@@ -62,10 +65,12 @@ class Run:
     config: Config
     layout: ParallelLayout
     groups: ProcessGroups
+    dp: DataParallel  # the data-parallel group and this rank's rows
     arch: MoEArchitecture
     task: Task | None  # None in DPO mode
     pad_id: int
     actor: Actor
+    settings: PassSettings  # how the actor's passes turn logits into log-probs
     critic: Critic | None
     objective: Objective
     rollout: RolloutManager | None  # on rank 0 of an RL run, None elsewhere
@@ -118,13 +123,15 @@ def train(run: Run, start_step: int) -> None:
 
 
 def rollout_stage(run: Run, step: int) -> tuple[RolloutBatch, dict]:
-    """Rank 0 generates and scores; dynamic sampling refills; the batch goes to every rank."""
+    """Rank 0 generates and scores; dynamic sampling refills; the batch goes to every rank (the
+    routes and masks of a data-parallel rank's rows only to that rank, by default)."""
     batch, metrics = None, {}
     if run.is_driver:
         samples, metrics = _collect_samples(run, step)
         batch = pack_samples(samples, pad_id=run.pad_id,
                              pad_multiple=run.layout.tp, arch=run.arch)
-    batch = broadcast_batch(batch, src=0, group=run.groups.world)
+    batch = send_batch(batch, transport=run.config.parallel.batch_transport, dp=run.dp,
+                       world_group=run.groups.world)
     metrics = _broadcast_metrics(run, metrics)
     return batch, metrics
 
@@ -179,32 +186,12 @@ def _keep_informative(samples: list[Sample]) -> list[Sample]:
     return [s for s, k in zip(samples, keep.tolist()) if k]
 
 
-def _dp_rows(run: Run, num_rows: int) -> torch.Tensor:
-    """This data-parallel rank's rows (strided, so every rank gets a similar mix)."""
-    return torch.arange(run.layout.dp_rank, num_rows, run.layout.dp)
-
-
-def _gather_rows(run: Run, tensor_BT: torch.Tensor) -> None:
-    """All-gather per-row results computed on each DP rank's rows into the full tensor."""
-    if run.layout.dp == 1:
-        return
-    from megatron.core import parallel_state as ps
-
-    summed = tensor_BT.clone()
-    mine = _dp_rows(run, tensor_BT.shape[0])
-    others = torch.ones(tensor_BT.shape[0], dtype=torch.bool)
-    others[mine] = False
-    summed[others] = 0
-    dist.all_reduce(summed, group=ps.get_data_parallel_group())
-    tensor_BT.copy_(summed)
-
-
 def reference_stage(run: Run, batch: RolloutBatch) -> None:
     if not run.objective.uses_ref:
         return
-    rows = _dp_rows(run, batch.batch_size)
-    run.actor.compute_ref_logprobs(batch, rows, _pass_settings(run))
-    _gather_rows(run, batch.ref_logprobs_BT)
+    rows = run.dp.owned_rows(batch.batch_size)
+    run.actor.compute_ref_logprobs(batch, rows, run.settings)
+    run.dp.gather_rows(batch.ref_logprobs_BT)
 
 
 def old_logprob_stage(run: Run, batch: RolloutBatch) -> dict:
@@ -218,23 +205,25 @@ def old_logprob_stage(run: Run, batch: RolloutBatch) -> dict:
 
 
 def _old_logprob_pass(run: Run, batch: RolloutBatch) -> dict:
-    from moerl.trainer.routing_replay import routing_agreement
+    from moerl.trainer.routing_replay import agreement_from_counts, routing_agreement_counts
 
-    rows = _dp_rows(run, batch.batch_size)
-    entropy_BT = run.actor.compute_old_logprobs(batch, rows, _pass_settings(run))
-    _gather_rows(run, batch.old_logprobs_BT)
-    _gather_rows(run, entropy_BT)
-    if run.layout.dp > 1:
-        _gather_rows(run, batch.trainer_routes_BTLK)
+    rows = run.dp.owned_rows(batch.batch_size)
+    entropy_BT = run.actor.compute_old_logprobs(batch, rows, run.settings)
+    run.dp.gather_rows(batch.old_logprobs_BT)
+    run.dp.gather_rows(entropy_BT)
     mask = batch.response_mask_BT
     metrics = {f"mismatch/{k.removeprefix('mismatch_')}": v.item() for k, v in
                mismatch_metrics(batch.old_logprobs_BT, batch.rollout_logprobs_BT, mask).items()}
     metrics["entropy/old"] = ((entropy_BT * mask).sum() / mask.sum().clamp(min=1)).item()
     if batch.routes_BTLK is not None:
         # Routes exist for every real position but the last token of each sample.
+        # Each rank holds routes of its own rows: counts add up over data-parallel ranks.
         positions = torch.arange(batch.seq_len)
-        routed_BT = positions < (batch.prompt_lengths_B + batch.response_lengths_B - 1)[:, None]
-        agreement = routing_agreement(batch.trainer_routes_BTLK, batch.routes_BTLK, routed_BT)
+        routed_bT = positions < (batch.prompt_lengths_B + batch.response_lengths_B - 1)[rows, None]
+        heavy = batch.heavy_index(rows)
+        counts = routing_agreement_counts(batch.trainer_routes_BTLK[heavy],
+                                          batch.routes_BTLK[heavy], routed_bT)
+        agreement = agreement_from_counts(run.dp.sum_(counts))
         per_layer = agreement.pop("layer_agreement")
         metrics.update({f"routing/{k}": v.item() for k, v in agreement.items()})
         # Keyed by hidden-layer index, so dense layers simply have no entry.
@@ -246,22 +235,19 @@ def _old_logprob_pass(run: Run, batch: RolloutBatch) -> dict:
 def value_stage(run: Run, batch: RolloutBatch) -> None:
     if run.critic is None:
         return
-    rows = _dp_rows(run, batch.batch_size)
+    rows = run.dp.owned_rows(batch.batch_size)
     run.critic.compute_values(batch, rows, micro_batch_size=run.config.training.micro_batch_size)
-    _gather_rows(run, batch.values_BT)
+    run.dp.gather_rows(batch.values_BT)
 
 
 def update_stage(run: Run, batch: RolloutBatch, step: int) -> dict:
     """``epochs`` passes over the batch, each split into ``mini_batches`` optimizer steps."""
     cfg = run.config.training
-    settings = _pass_settings(run)
+    settings = run.settings
     per_step: list[dict] = []
     for epoch in range(cfg.epochs):
-        order = torch.randperm(batch.batch_size, generator=torch.Generator().manual_seed(
-            cfg.seed * 100_003 + step * 101 + epoch))
-        for mini in order.chunk(cfg.mini_batches):
-            mini = mini.sort().values
-            mine = mini[_dp_rows(run, len(mini))]
+        for mine, mini in run.dp.mini_batches(batch.batch_size, cfg.mini_batches,
+                                              seed=cfg.seed * 100_003 + step * 101 + epoch):
             tokens, seqs = _global_denominators(run, batch, mini)
 
             def loss_fn(mb, logprobs_BT, entropy_BT):
@@ -283,7 +269,7 @@ def update_stage(run: Run, batch: RolloutBatch, step: int) -> dict:
             per_step.append(metrics)
     merged = {k: sum(m[k] for m in per_step) / len(per_step) for k in per_step[0]}
     merged["skipped"] = sum(m["skipped"] for m in per_step)
-    return _reduce_over_dp(run, merged)
+    return run.dp.reduce_metrics(merged)
 
 
 def _ptx_batch(run: Run, index: int, count: int):
@@ -293,7 +279,7 @@ def _ptx_batch(run: Run, index: int, count: int):
     if run.ptx is None:
         return None
     full = run.ptx.batch(index, count, pad_multiple=run.layout.tp)
-    batch = full.select(_dp_rows(run, full.batch_size), pad_multiple=run.layout.tp)
+    batch = full.select(run.dp.owned_rows(full.batch_size), pad_multiple=run.layout.tp)
     tokens = full.response_mask_BT.sum().float()
     coef = run.config.algorithm.ptx_coef
 
@@ -339,34 +325,9 @@ def eval_stage(run: Run, step: int, *, force: bool = False) -> dict:
 # ============================================================================ helpers
 
 
-def _pass_settings(run: Run):
-    from moerl.trainer.actor import PassSettings
-    from moerl.trainer.routing_replay import ReplayMode
-
-    cfg = run.config
-    return PassSettings(temperature=cfg.rollout.temperature,
-                        keep_sampling_mask=cfg.algorithm.keep_sampling_mask,
-                        replay=ReplayMode(cfg.algorithm.routing_replay),
-                        micro_batch_size=cfg.training.micro_batch_size)
-
-
 def _broadcast_metrics(run: Run, metrics: dict) -> dict:
     """Rank 0's scalar metrics on every rank."""
     return metrics if run.layout.world == 1 else broadcast_json(metrics, src=0)
-
-
-def _reduce_over_dp(run: Run, metrics: dict) -> dict:
-    """Metrics of the whole data-parallel group. Keys containing ``loss`` are this rank's share
-    of a loss with global denominators (``Actor.train_step``'s convention): they are summed, so
-    the logged loss is the true loss at any DP size. Every other metric is averaged."""
-    if run.layout.dp == 1:
-        return metrics
-    from megatron.core import parallel_state as ps
-
-    keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(values, group=ps.get_data_parallel_group())
-    return {k: v if "loss" in k else v / run.layout.dp for k, v in zip(keys, values.tolist())}
 
 
 # ============================================================================ set-up
@@ -376,7 +337,7 @@ def setup(cfg: Config) -> tuple[Run, int]:
     """Validate against the model, initialise parallelism, build actor/critic/server; resume."""
     from moerl.rollout.protocol import MoeLayout
     from moerl.rollout_manager import RolloutManager, SamplingSettings
-    from moerl.trainer.actor import Actor
+    from moerl.trainer.actor import Actor, PassSettings
     from moerl.trainer.model import architecture_from_hf, validate_architecture_layout
     from moerl.trainer.parallel import init_parallel
 
@@ -467,8 +428,10 @@ def setup(cfg: Config) -> tuple[Run, int]:
     telemetry = Telemetry(out_dir, total_steps=tr.steps, start_step=start_step,
                           tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                           enabled=layout.rank == 0)
-    run = Run(config=cfg, layout=layout, groups=groups, arch=arch, task=task, pad_id=pad_id,
-              actor=actor, critic=critic, objective=objective, rollout=rollout, ptx=ptx,
+    run = Run(config=cfg, layout=layout, groups=groups, dp=DataParallel.from_layout(layout, groups),
+              arch=arch, task=task, pad_id=pad_id,
+              actor=actor, settings=PassSettings.from_config(cfg), critic=critic,
+              objective=objective, rollout=rollout, ptx=ptx,
               checkpoints=checkpoints,
               telemetry=telemetry)
     if rl and (start_step > 0 or cfg.rollout.server == "external"):

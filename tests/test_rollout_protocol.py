@@ -64,7 +64,7 @@ def test_routed_experts_roundtrip_is_sglang_int32_base64():
     # SGLang: pybase64.b64encode(tensor.numpy().tobytes()) of the int32 [T, L, K] buffer.
     assert base64.b64decode(text) == r.astype("<i4").tobytes()
     out = P.decode_routed_experts(text, num_positions=6, layout=LAYOUT)
-    assert out.dtype == torch.int32 and out.shape == (6, 3, 2)
+    assert out.dtype == torch.uint8 and out.shape == (6, 3, 2)  # route_dtype of 8 experts
     assert np.array_equal(out.numpy(), r)
 
 

@@ -180,7 +180,7 @@ def test_client_decodes_sglang_single_response(replay):
     assert s.rollout_logprobs_R.tolist() == pytest.approx([-1.0986123, -0.6931472, -0.2876821])
     assert s.mask_ids_M.tolist() == [40, 12, 7, 3, 12, 40, 9, 2, 30]
     assert s.mask_offsets_R1.tolist() == [0, 4, 7, 9]
-    assert s.routes_TLK.shape == (6, 3, 2) and s.routes_TLK.dtype == torch.int32
+    assert s.routes_TLK.shape == (6, 3, 2) and s.routes_TLK.dtype == torch.uint8
     assert not s.routes_TLK[:, 0].any() and s.routes_TLK[:, 1:].ge(0).all()
     raw = np.frombuffer(__import__("base64").b64decode(FIXTURES["A"]["meta_info"][
         "routed_experts"]), "<i4").reshape(6, 3, 2)

@@ -12,6 +12,7 @@ import pytest
 from e2e_util import REPO, run
 import torch
 
+from moerl.routes import route_dtype
 from moerl.tiny_model import TINY_QWEN3_MOE
 from moerl.trainer.model import architecture_from_hf
 from moerl.trainer.parallel import ParallelLayout
@@ -52,7 +53,7 @@ def test_pack_drops_dense_layers_and_pads_without_duplicates():
     lengths = (6, 3)
     wire = [wire_routes(n, seed=n) for n in lengths]
     packed = pack_routes_BTLK(wire, seq_len=8, arch=ARCH)
-    assert packed.shape == (2, 8, 2, ARCH.top_k) and packed.dtype == torch.int32
+    assert packed.shape == (2, 8, 2, ARCH.top_k) and packed.dtype == route_dtype(ARCH.num_experts)
     for i, n in enumerate(lengths):
         assert torch.equal(packed[i, : n - 1], wire[i][:, [1, 2]])
         pad = packed[i, n - 1:]  # the sample's final token and the right padding

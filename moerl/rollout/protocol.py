@@ -66,6 +66,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from moerl.routes import route_dtype
+
 SGLANG_VERSION = "0.5.23"
 # SGLang's stand-in for "no top-k" (``sampling_params.TOP_K_ALL``); -1 is normalised to it.
 TOP_K_ALL = 1 << 30
@@ -252,7 +254,8 @@ def validate_routes(routes_TLK: np.ndarray, layout: MoeLayout) -> None:
 
 
 def decode_routed_experts(payload: Any, *, num_positions: int, layout: MoeLayout) -> torch.Tensor:
-    """Decode and validate SGLang's ``routed_experts`` into int32 ``[T, L, K]``."""
+    """Decode and validate SGLang's ``routed_experts`` into ``[T, L, K]`` of
+    ``moerl.routes.route_dtype`` (the smallest integer type holding the expert ids)."""
     raw = _b64decode(payload, "routed_experts")
     expected = num_positions * layout.num_hidden_layers * layout.top_k
     if len(raw) != 4 * expected:
@@ -263,7 +266,7 @@ def decode_routed_experts(payload: Any, *, num_positions: int, layout: MoeLayout
     routes_TLK = np.frombuffer(raw, dtype="<i4").reshape(
         num_positions, layout.num_hidden_layers, layout.top_k)
     validate_routes(routes_TLK, layout)
-    return torch.from_numpy(routes_TLK.astype(np.int32))
+    return torch.from_numpy(routes_TLK.astype(np.int32)).to(route_dtype(layout.num_experts))
 
 
 def encode_routes_compact(routes_TLK: np.ndarray, layout: MoeLayout) -> dict:
@@ -274,7 +277,8 @@ def encode_routes_compact(routes_TLK: np.ndarray, layout: MoeLayout) -> dict:
 
 
 def decode_routes_compact(payload: Any, *, num_positions: int, layout: MoeLayout) -> torch.Tensor:
-    """Inverse of :func:`encode_routes_compact`, back to SGLang's ``[T, L_all, K]`` int32 layout."""
+    """Inverse of :func:`encode_routes_compact`, back to SGLang's ``[T, L_all, K]`` layout (dense
+    layers zero) in ``moerl.routes.route_dtype``."""
     if not isinstance(payload, Mapping) or payload.get("encoding") not in COMPACT_ROUTES_ENCODINGS:
         raise WireFormatError(f"moerl_routed_experts must be an object with encoding in "
                               f"{COMPACT_ROUTES_ENCODINGS}, got {payload!r:.200}")
@@ -291,7 +295,7 @@ def decode_routes_compact(payload: Any, *, num_positions: int, layout: MoeLayout
     routes_TLK = np.zeros((num_positions, layout.num_hidden_layers, layout.top_k), np.int32)
     routes_TLK[:, list(layout.moe_layers), :] = moe_TLK
     validate_routes(routes_TLK, layout)
-    return torch.from_numpy(routes_TLK)
+    return torch.from_numpy(routes_TLK).to(route_dtype(layout.num_experts))
 
 
 # --------------------------------------------------------------------------------------------

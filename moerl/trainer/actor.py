@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from moerl.batch import RolloutBatch
+from moerl.routes import route_dtype
 from moerl.trainer.hf_bridge import export_hf_weights, load_hf_weights, save_hf_checkpoint
 from moerl.trainer.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
 from moerl.trainer.model import MoEArchitecture, build_gpt_model
@@ -48,6 +49,14 @@ class PassSettings:
     keep_sampling_mask: bool
     replay: ReplayMode
     micro_batch_size: int
+
+    @classmethod
+    def from_config(cls, cfg) -> "PassSettings":
+        """From a ``moerl.config.Config``: rollout temperature, keep-mask, replay, micro-batch."""
+        return cls(temperature=cfg.rollout.temperature,
+                   keep_sampling_mask=cfg.algorithm.keep_sampling_mask,
+                   replay=ReplayMode(cfg.algorithm.routing_replay),
+                   micro_batch_size=cfg.training.micro_batch_size)
 
 
 class Actor:
@@ -115,11 +124,12 @@ class Actor:
         b_all, t_all = batch.tokens_BT.shape
         if batch.old_logprobs_BT is None:
             batch.old_logprobs_BT = torch.zeros(b_all, t_all)
-        if batch.trainer_routes_BTLK is None:
+        if batch.trainer_routes_BTLK is None:  # a heavy field: this rank's rows only
             num_moe, k = len(self.arch.moe_layer_ids), self.arch.top_k
-            pad = padding_routes(b_all * t_all, top_k=k, num_experts=self.arch.num_experts)
-            batch.trainer_routes_BTLK = pad.view(b_all, t_all, 1, k).expand(
-                -1, -1, num_moe, -1).clone()
+            b_heavy = batch.num_heavy_rows
+            pad = padding_routes(b_heavy * t_all, top_k=k, num_experts=self.arch.num_experts)
+            batch.trainer_routes_BTLK = pad.view(b_heavy, t_all, 1, k).expand(
+                -1, -1, num_moe, -1).to(route_dtype(self.arch.num_experts))
         entropy_BT = torch.zeros(b_all, t_all)
         for mb_rows in self._micro_batches(rows, settings.micro_batch_size):
             mb = batch.select(mb_rows, pad_multiple=self.layout.tp).to(self.device)
@@ -134,7 +144,8 @@ class Actor:
             natural = handle.routes_BTLK if routes is None else handle.natural_routes_BTLK
             width = mb.seq_len
             batch.old_logprobs_BT[mb_rows, :width] = logprobs.float().cpu()
-            batch.trainer_routes_BTLK[mb_rows, :width] = natural.cpu()
+            batch.trainer_routes_BTLK[batch.heavy_index(mb_rows), :width] = natural.cpu().to(
+                batch.trainer_routes_BTLK.dtype)
             entropy_BT[mb_rows, :width] = entropy.float().cpu()
         return entropy_BT
 

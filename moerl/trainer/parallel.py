@@ -9,7 +9,29 @@ Layout: ``world = tp * dp`` for the dense part; the experts use ``ep * etp`` of 
 ``expert_dp = world / (ep * etp)``. MoE with ``tp > 1`` requires sequence parallelism in
 megatron-core, so ``sp`` is on exactly when ``tp > 1``. Pipeline and context parallelism are not
 used (size 1).
+
+Backends. The loop moves host tensors through collectives (the rollout batch and its JSON header,
+per-row results gathered over data-parallel ranks, metric scalars, checkpoint barriers) as well as
+device tensors (vocab-parallel log-probs, sequence-parallel routes, weight gathers, the optimizer's
+found-inf flag). NCCL carries only CUDA tensors, so with CUDA the default group is
+``cpu:gloo,cuda:nccl`` (as torchtitan does): torch picks the backend by the tensor's device, and
+every group Megatron derives from the default one (``new_group`` without a backend) gets both.
+Audit of every collective in ``moerl/`` and the device of its tensors:
+
+    module                           collective            tensors
+    batch.broadcast_json/_batch      broadcast (world)     host
+    data_parallel.DataParallel       all_reduce (dp)       host
+    checkpoint.CheckpointManager     barrier (world)       (device of the backend's choice)
+    trainer.optimizer                all_reduce, barrier   device (found-inf flag)
+    trainer.logprobs                 all_reduce (tp)       device (logit statistics)
+    trainer.routing_replay           all_gather (tp)       device (router top-k indices)
+    trainer.hf_bridge                all_gather (tp/etp),  device (weights), barrier (world)
+                                     broadcast (ep)
+    trainer.critic (Megatron)        SP gather (tp)        device
+    rollout.weight_sync              broadcast (own group  device of that group's backend
+                                     with the servers)     (moved there explicitly)
 """
+
 
 from __future__ import annotations
 
@@ -65,12 +87,23 @@ def validate_layout(*, world: int, tp: int, ep: int, etp: int) -> None:
                          f"{world}; choose ep*etp among the divisors of {world}")
 
 
+# The backend for CUDA tensors; a module attribute so that a test can stand in a CUDA-only backend
+# (NCCL itself is absent from CPU builds of torch).
+CUDA_BACKEND = "nccl"
+
+
+def default_backend(*, cuda: bool) -> str:
+    """The default process group's backend: gloo for host tensors, plus NCCL for CUDA tensors
+    when CUDA is present (NCCL alone cannot carry the host tensors the loop communicates)."""
+    return f"cpu:gloo,cuda:{CUDA_BACKEND}" if cuda else "gloo"
+
+
 def init_parallel(*, tp: int, ep: int, etp: int, seed: int,
                   timeout_s: float = 600.0) -> tuple[ParallelLayout, ProcessGroups]:
     """Initialise torch.distributed (from torchrun's environment) and Megatron's groups.
 
-    Backend: NCCL when CUDA is available, gloo otherwise. Also applies the CPU patches when CUDA is
-    absent and seeds Megatron's model-parallel RNG tracker.
+    Backend: :func:`default_backend` (host tensors on gloo, CUDA tensors on NCCL). Also applies
+    the CPU patches when CUDA is absent and seeds Megatron's model-parallel RNG tracker.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -84,10 +117,11 @@ def init_parallel(*, tp: int, ep: int, etp: int, seed: int,
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        cuda = torch.cuda.is_available()
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(default_backend(cuda=cuda),
+                                timeout=datetime.timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     validate_layout(world=world, tp=tp, ep=ep, etp=etp)
     if not ps.model_parallel_is_initialized():

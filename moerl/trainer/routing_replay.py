@@ -61,6 +61,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moerl.routes import route_dtype
 from moerl.trainer.model import MoEArchitecture
 from moerl.trainer.parallel import ParallelLayout
 
@@ -103,7 +104,8 @@ def padding_routes(num_rows: int, *, top_k: int, num_experts: int,
 
 def pack_routes_BTLK(routes_per_sample: list[torch.Tensor], *, seq_len: int,
                      arch: MoEArchitecture) -> torch.Tensor:
-    """Pack per-sample routes into a right-padded int32 ``[B, T, L, K]`` over MoE layers only.
+    """Pack per-sample routes into a right-padded ``[B, T, L, K]`` over MoE layers only, in
+    :func:`moerl.routes.route_dtype` (uint8 up to 256 experts).
 
     Each sample's routes are ``[t_i, L_all, K]`` (SGLang's wire layout, ``t_i = T_i - 1``; dense
     layers are dropped) or ``[t_i, L, K]`` (MoE layers only, e.g. routes recorded by the trainer
@@ -118,7 +120,8 @@ def pack_routes_BTLK(routes_per_sample: list[torch.Tensor], *, seq_len: int,
     num_moe, top_k, num_experts = len(moe_ids), arch.top_k, arch.num_experts
     batch = len(routes_per_sample)
     pad_BT_LK = padding_routes(batch * seq_len, top_k=top_k, num_experts=num_experts)
-    routes_BTLK = pad_BT_LK.view(batch, seq_len, 1, top_k).expand(-1, -1, num_moe, -1).clone()
+    routes_BTLK = pad_BT_LK.view(batch, seq_len, 1, top_k).expand(-1, -1, num_moe, -1).to(
+        route_dtype(num_experts))
     for i, routes in enumerate(routes_per_sample):
         if routes.dim() != 3 or routes.shape[2] != top_k:
             raise ValueError(f"sample {i}: routes must be [positions, layers, {top_k}], "
@@ -132,7 +135,7 @@ def pack_routes_BTLK(routes_per_sample: list[torch.Tensor], *, seq_len: int,
             raise ValueError(f"sample {i}: {routes.shape[0]} routed positions exceed "
                              f"seq_len={seq_len}")
         _check_route_ids(routes, num_experts=num_experts, what=f"sample {i}")
-        routes_BTLK[i, : routes.shape[0]] = routes.to(torch.int32)
+        routes_BTLK[i, : routes.shape[0]] = routes.to(routes_BTLK.dtype)
     return routes_BTLK
 
 
@@ -197,17 +200,31 @@ def routing_agreement(routes_a_BTLK: torch.Tensor, routes_b_BTLK: torch.Tensor,
     if mask_BT.shape != routes_a_BTLK.shape[:2]:
         raise ValueError(f"mask_BT has shape {tuple(mask_BT.shape)}, expected "
                          f"{tuple(routes_a_BTLK.shape[:2])}")
-    mask = mask_BT.bool()
+    return agreement_from_counts(routing_agreement_counts(routes_a_BTLK, routes_b_BTLK, mask_BT))
+
+
+def routing_agreement_counts(routes_a_BTLK: torch.Tensor, routes_b_BTLK: torch.Tensor,
+                             mask_BT: torch.Tensor) -> torch.Tensor:
+    """The integer counts behind :func:`routing_agreement`, int64 ``[2 + L]``: counted tokens,
+    tokens that differ in at least one layer, and per MoE layer the agreeing tokens. Counts of
+    disjoint row sets add up (data-parallel ranks sum theirs before :func:`agreement_from_counts`).
+    """
     same_BTL = (routes_a_BTLK.sort(dim=-1).values == routes_b_BTLK.sort(dim=-1).values).all(-1)
-    same_NL = same_BTL[mask]
-    num_tokens = same_NL.shape[0]
-    nan = torch.tensor(float("nan"))
-    if num_tokens == 0 or same_NL.shape[1] == 0:
+    same_NL = same_BTL[mask_BT.bool()]
+    return torch.cat([torch.tensor([same_NL.shape[0], int((~same_NL.all(-1)).sum())]),
+                      same_NL.sum(0, dtype=torch.int64)])
+
+
+def agreement_from_counts(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`routing_agreement`'s fractions from :func:`routing_agreement_counts`."""
+    num_tokens, per_layer = counts[0].double(), counts[2:].double()
+    if int(counts[0]) == 0 or per_layer.numel() == 0:
+        nan = torch.tensor(float("nan"))
         return {"route_agreement": nan, "token_route_mismatch": nan.clone(),
-                "layer_agreement": torch.full((same_NL.shape[1],), float("nan"))}
-    return {"route_agreement": same_NL.float().mean().detach(),
-            "token_route_mismatch": (~same_NL.all(-1)).float().mean().detach(),
-            "layer_agreement": same_NL.float().mean(0).detach()}
+                "layer_agreement": torch.full((per_layer.numel(),), float("nan"))}
+    return {"route_agreement": (per_layer.sum() / (num_tokens * per_layer.numel())).float(),
+            "token_route_mismatch": (counts[1].double() / num_tokens).float(),
+            "layer_agreement": (per_layer / num_tokens).float()}
 
 
 def _router_replay_classes():
