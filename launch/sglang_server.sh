@@ -43,7 +43,8 @@ EP="${EP:-1}"
 DTYPE="${DTYPE:-bfloat16}"
 case "$DTYPE" in
   bfloat16|float16|float32|auto) ;;
-  *) echo "DTYPE=$DTYPE is not a serving dtype: use bfloat16, float16 (FP16 rollouts), float32 or auto" >&2
+  *) echo "DTYPE=$DTYPE is not a serving dtype: use bfloat16, float16 (FP16 rollouts)," \
+          "float32 or auto" >&2
      exit 2 ;;
 esac
 MEM_FRACTION="${MEM_FRACTION:-0.85}"

@@ -16,7 +16,8 @@ are global, gradients are summed.
 
 Deviations from the papers' algorithms, all deliberate:
 - pi_old in the PPO ratio is the trainer's recompute (``old_logprobs``), not the engine's
-  log-probs; OPSM and the rollout corrections use the engine's, as their papers say.
+  log-probs (unless ``algorithm.bypass_old_logprobs``); OPSM and the rollout corrections use the
+  engine's, as their papers say.
 - Dynamic sampling refills by generating more groups, at most ``max_refill_rounds`` times, then
   trains on what it has (DAPO keeps sampling without bound).
 """

@@ -1,7 +1,5 @@
 """OPSM, mismatch telemetry, DAPO overlong handling and dynamic sampling."""
 
-import math
-
 import pytest
 import torch
 

@@ -13,7 +13,6 @@ from moerl.algos import (
     ADVANTAGE_ESTIMATORS,
     AGGREGATIONS,
     CRITIC_ESTIMATORS,
-    GROUP_ESTIMATORS,
     KL_ESTIMATORS,
     POLICY_LOSSES,
     ROLLOUT_CORRECTIONS,
@@ -52,9 +51,8 @@ def test_every_entry_has_the_registry_signature(name):
     assert all(sig == first for sig in signatures.values()), signatures
 
 
-def test_estimator_groups_are_registry_names():
+def test_critic_estimators_are_registry_names():
     assert CRITIC_ESTIMATORS <= set(ADVANTAGE_ESTIMATORS) and "gae" in CRITIC_ESTIMATORS
-    assert GROUP_ESTIMATORS <= set(ADVANTAGE_ESTIMATORS)
 
 
 def test_objective_never_switches_on_a_registry_name():

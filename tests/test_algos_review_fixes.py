@@ -1,8 +1,6 @@
 """Regression tests for the independent review of ``moerl.algos`` (issue 10): each failed on the
 code the review read. The logged-loss fix (item 3) is tested at DP=2 in ``test_logged_loss_dp``."""
 
-import math
-
 import pytest
 import torch
 
@@ -86,7 +84,8 @@ def _micro_batch(old_logprobs, rollout_logprobs, advantages):
 
     b, t = old_logprobs.shape
     return RolloutBatch(
-        tokens_BT=torch.zeros(b, t, dtype=torch.long), targets_BT=torch.zeros(b, t, dtype=torch.long),
+        tokens_BT=torch.zeros(b, t, dtype=torch.long),
+        targets_BT=torch.zeros(b, t, dtype=torch.long),
         response_mask_BT=torch.ones(b, t, dtype=torch.bool),
         prompt_lengths_B=torch.ones(b, dtype=torch.long),
         response_lengths_B=torch.full((b,), t - 1, dtype=torch.long),

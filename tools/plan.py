@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     seq_len = args.seq_len or args.prompt_len + cfg.rollout.max_new_tokens
     counts = parameter_counts(arch)
     memory = memory_per_gpu(arch, tp=p.tp, ep=p.ep, etp=p.etp, world=world,
-                            bf16=cfg.model.dtype == "bfloat16",
+                            # fp16 holds the same 2-byte weights + fp32 mains as bf16
+                            bf16=cfg.model.dtype in ("bfloat16", "float16"),
                             distributed_optimizer=p.distributed_optimizer,
                             micro_batch=cfg.training.micro_batch_size, seq_len=seq_len,
                             recompute=cfg.model.recompute)

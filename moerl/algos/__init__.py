@@ -11,7 +11,6 @@ one call signature, documented where it is defined.
 from moerl.algos.advantages import (
     ADVANTAGE_ESTIMATORS,
     CRITIC_ESTIMATORS,
-    GROUP_ESTIMATORS,
     gae,
     outcome_token_rewards,
 )
@@ -33,7 +32,6 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGGREGATIONS",
     "CRITIC_ESTIMATORS",
-    "GROUP_ESTIMATORS",
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
     "ROLLOUT_CORRECTIONS",

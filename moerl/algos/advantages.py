@@ -286,6 +286,5 @@ ADVANTAGE_ESTIMATORS = {
     "reinforce_pp_baseline": _outcome_entry(reinforce_pp_baseline_advantages, discounted=True),
     "gae": gae_entry,
 }
-# Estimators that train a critic (PPO) and those that compare samples within a prompt group.
+# Estimators that need a critic's values (the trainer builds a value model for them).
 CRITIC_ESTIMATORS = frozenset({"gae"})
-GROUP_ESTIMATORS = frozenset({"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"})
