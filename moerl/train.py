@@ -389,7 +389,8 @@ def setup(cfg: Config) -> tuple[Run, int]:
     from moerl.rollout.protocol import MoeLayout
     from moerl.rollout_manager import RolloutManager, SamplingSettings
     from moerl.trainer.actor import Actor
-    from moerl.trainer.model import architecture_from_hf, validate_architecture_layout
+    from moerl.launch_info import model_problems
+    from moerl.trainer.model import architecture_from_hf
     from moerl.trainer.parallel import init_parallel
 
     hf_path = Path(cfg.model.hf_path)
@@ -397,13 +398,12 @@ def setup(cfg: Config) -> tuple[Run, int]:
         raise ConfigError(f"model.hf_path={cfg.model.hf_path} has no config.json; for the tiny "
                           f"default run `python -m moerl.warmstart --out {cfg.model.hf_path}` "
                           f"(launch/local.sh does this for you)")
+    problems = model_problems(cfg)  # the same checks as launch/local.sh's pre-flight
+    if problems:
+        raise ConfigError("; ".join(problems))
     hf_config = json.loads((hf_path / "config.json").read_text())
     arch = architecture_from_hf(hf_config)
     p = cfg.parallel
-    try:
-        validate_architecture_layout(arch, tp=p.tp, ep=p.ep, etp=p.etp)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
     layout, groups = init_parallel(tp=p.tp, ep=p.ep, etp=p.etp, seed=cfg.training.seed,
                                    timeout_s=3600.0)
     out_dir = Path(cfg.training.out_dir)
