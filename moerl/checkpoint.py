@@ -1,10 +1,21 @@
-"""Resumable checkpoints: every rank's model shard and optimizer state, written atomically.
+"""Resumable checkpoints: every rank's model shard and optimizer state, written atomically and
+verified before they are trusted.
 
 Layout: ``<out_dir>/checkpoints/step_000010/{actor,critic}/rank_00000.pt`` (one per rank) and
-``meta.json``.
-A checkpoint is written into ``step_000010.tmp`` and renamed by rank 0 once every rank has
-finished, so a run killed mid-save leaves the previous checkpoint as the latest. Files hold tensors
-and plain containers only and load with ``torch.load(weights_only=True)`` (``TrainerOptimizer.save``/``load``).
+``meta.json``, which records the step, the parallel layout and, per rank, the SHA-256 of every
+shard file that rank wrote.
+
+Writing: into ``step_000010.tmp``; each rank fsyncs its shards and hashes them; rank 0 writes
+``meta.json`` (temp file, fsync, rename), fsyncs the directory and renames it to ``step_000010``
+once every rank has finished. A run killed mid-save leaves the previous checkpoint as the latest.
+
+Loading (:meth:`CheckpointManager.resume`): the newest checkpoint is verified first: ``meta.json``
+parses, names its own step and this run's layout, and every rank's shards match their checksums
+(each rank checks its own, so a shard truncated, emptied or copied from another step is caught
+before ``torch.load`` sees it). A checkpoint that fails is skipped with a warning naming the file
+and what was wrong, and the next older one is tried. A different parallel layout is a
+configuration mistake, not damage, and stops the run. Files hold tensors and plain containers
+only and load with ``torch.load(weights_only=True)`` (``TrainerOptimizer.save``/``load``).
 
 What is *not* in a checkpoint, because it is a pure function of ``(seed, step)``: the prompts,
 the rollout seeds, the mini-batch shuffles. The rollout server's weights are not either: on
@@ -13,11 +24,21 @@ resume the trainer pushes its restored weights to the server before the first ro
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 
 import torch.distributed as dist
+
+from moerl.config import ConfigError
+
+log = logging.getLogger("moerl")
+
+_LAYOUT_KEYS = ("world", "tp", "ep", "etp")
+_FORMAT = 2  # 1: no step check, no checksums (meta held the layout keys at the top level)
 
 
 class CheckpointManager:
@@ -31,10 +52,16 @@ class CheckpointManager:
     def due(self, step: int) -> bool:
         return step == self.final_step or (self.every > 0 and step % self.every == 0)
 
-    def latest(self) -> int | None:
-        steps = [int(p.name.removeprefix("step_")) for p in self.root.glob("step_*")
-                 if p.is_dir() and not p.name.endswith(".tmp") and (p / "meta.json").exists()]
-        return max(steps, default=None)
+    def steps(self) -> list[int]:
+        """Steps of the finished (renamed) checkpoint directories, newest first."""
+        found = []
+        for p in self.root.glob("step_*"):
+            suffix = p.name.removeprefix("step_")
+            if p.is_dir() and suffix.isdigit():
+                found.append(int(suffix))
+        return sorted(found, reverse=True)
+
+    # ------------------------------------------------------------------ saving
 
     def save(self, step: int, run) -> None:
         tmp = self.root / f"step_{step:06d}.tmp"
@@ -42,31 +69,126 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        run.actor.save(tmp / "actor")
+        files = [run.actor.save(tmp / "actor")]
         if run.critic is not None:
-            run.critic.save(tmp / "critic")
+            files.append(run.critic.save(tmp / "critic"))
+        mine = {str(Path(f).relative_to(tmp)): _sha256_synced(Path(f)) for f in files}
+        shards: list = [None] * self.layout.world
+        dist.all_gather_object(shards, mine)
         if self.layout.rank == 0:
-            (tmp / "meta.json").write_text(json.dumps(
-                {"step": step, "world": self.layout.world, "tp": self.layout.tp,
-                 "ep": self.layout.ep, "etp": self.layout.etp}))
+            meta = {"format": _FORMAT, "step": step, "layout": self._layout(), "shards": shards}
+            _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+            _fsync_dir(tmp)
             final = self.path(step)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            for old in sorted(self.root.glob("step_*"))[:-self.keep_last]:
-                if not old.name.endswith(".tmp"):
-                    shutil.rmtree(old, ignore_errors=True)
+            _fsync_dir(self.root)
+            self._prune()
         dist.barrier()
 
-    def load(self, step: int, actor, critic) -> int:
+    def _prune(self) -> None:
+        for step in self.steps()[self.keep_last:]:
+            shutil.rmtree(self.path(step), ignore_errors=True)
+        for stale in self.root.glob("step_*.tmp"):  # left by runs killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # ------------------------------------------------------------------ loading
+
+    def resume(self, actor, critic) -> int:
+        """Load the newest intact checkpoint (collective); its step, or 0 when there is none."""
+        candidates = self.steps()
+        for step in candidates:
+            problems: list = [None] * self.layout.world
+            dist.all_gather_object(problems, self.verify(step))
+            bad = [(rank, p) for rank, p in enumerate(problems) if p is not None]
+            if not bad:
+                actor.load(self.path(step) / "actor")
+                if critic is not None:
+                    critic.load(self.path(step) / "critic")
+                log.warning("resumed from step %d (%s)", step, self.path(step))
+                return step
+            if self.layout.rank == 0:
+                for rank, problem in bad:
+                    log.warning("checkpoint %s is damaged and skipped (rank %d): %s",
+                                self.path(step), rank, problem)
+        if candidates:
+            raise ConfigError(f"no intact checkpoint in {self.root} (tried steps {candidates}; "
+                              f"the warnings above say what was wrong): move the directory "
+                              f"away, or set training.resume=false to start over")
+        return 0
+
+    def verify(self, step: int) -> str | None:
+        """What is wrong with this rank's view of checkpoint ``step``, or None when intact.
+        A layout different from this run's raises ConfigError (a mistake, not damage)."""
         path = self.path(step)
-        meta = json.loads((path / "meta.json").read_text())
-        layout = {k: getattr(self.layout, k) for k in ("world", "tp", "ep", "etp")}
-        saved = {k: meta[k] for k in layout}
-        if saved != layout:
-            raise ValueError(f"checkpoint {path} was written with layout {saved}, this run is "
-                             f"{layout}: resume with the same parallel layout (or export HF "
-                             f"weights and start a new run from them)")
-        actor.load(path / "actor")
-        if critic is not None:
-            critic.load(path / "critic")
-        return step
+        meta_file = path / "meta.json"
+        try:
+            meta = json.loads(meta_file.read_text())
+        except FileNotFoundError:
+            return f"{meta_file} is missing"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            return f"{meta_file} is unreadable ({type(err).__name__}: {err})"
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            return f"{meta_file} is not a format-{_FORMAT} checkpoint record (no checksums)"
+        if meta.get("step") != step:
+            return f"{meta_file} belongs to step {meta.get('step')}, not {step}"
+        if meta.get("layout") != self._layout():
+            raise ConfigError(
+                f"checkpoint {path} was written with layout {meta.get('layout')}, this run is "
+                f"{self._layout()}: resume with the same parallel layout (or export HF weights "
+                f"and start a new run from them)")
+        shards = meta.get("shards")
+        if not isinstance(shards, list) or len(shards) != self.layout.world:
+            return f"{meta_file} lists no shards for {self.layout.world} ranks"
+        for rel, digest in sorted(shards[self.layout.rank].items()):
+            problem = _check_file(path / rel, digest)
+            if problem:
+                return problem
+        return None
+
+    def _layout(self) -> dict:
+        return {k: getattr(self.layout, k) for k in _LAYOUT_KEYS}
+
+
+def _check_file(file: Path, digest: str) -> str | None:
+    if not file.is_file():
+        return f"{file} is missing"
+    size = file.stat().st_size
+    if size == 0:
+        return f"{file} is empty"
+    if _sha256(file) != digest:
+        return (f"{file} ({size} bytes) does not match its checksum in meta.json: truncated, "
+                f"damaged or copied from another checkpoint")
+    return None
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with file.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sha256_synced(file: Path) -> str:
+    """The file's checksum, after forcing it to stable storage."""
+    with file.open("rb+") as fh:
+        os.fsync(fh.fileno())
+    return _sha256(file)
+
+
+def _write_atomic(file: Path, text: str) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    with tmp.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(file)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from moerl.config import describe_options, dump_yaml
 from moerl.data_parallel import DataParallel
 from moerl.objective import Objective, compute_advantages, compute_rollout_weights, loss_mask
 from moerl.objective import policy_loss
+from moerl.run_guard import OutDirLock, exit_with_launcher
 from moerl.tasks import Task, build_task
 from moerl.telemetry import StageTimer, Telemetry
 
@@ -57,6 +59,10 @@ if TYPE_CHECKING:  # the trainer imports megatron, which takes seconds: only whe
     from moerl.trainer.parallel import ParallelLayout, ProcessGroups
 
 log = logging.getLogger("moerl")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive RL steps had a non-finite gradient (training.max_nonfinite_steps)."""
 
 
 @dataclass
@@ -78,6 +84,7 @@ class Run:
     ptx: PretrainData | None  # PPO-ptx pretraining data (algorithm.ptx_coef > 0)
     checkpoints: CheckpointManager
     telemetry: Telemetry
+    lock: OutDirLock | None = None  # held by rank 0 for the whole run
 
     @property
     def is_driver(self) -> bool:
@@ -93,6 +100,7 @@ def train(run: Run, start_step: int) -> None:
         log.warning("%s already holds a finished run (step %d of training.steps=%d): nothing to "
                     "train; raise training.steps to continue it, or set training.out_dir for a "
                     "new run", cfg.training.out_dir, start_step, cfg.training.steps)
+    nonfinite_streak = 0
     for step in range(start_step, cfg.training.steps):
         timer = StageTimer()
         with timer("eval"):
@@ -113,11 +121,25 @@ def train(run: Run, start_step: int) -> None:
         metrics = {**rollout_metrics, **old_metrics, **update_metrics, **eval_metrics,
                    **timer.metrics()}
         run.telemetry.log(step, metrics)
+        nonfinite_streak = nonfinite_streak + 1 if update_metrics["skipped"] else 0
+        if nonfinite_streak > cfg.training.max_nonfinite_steps:
+            _stop_nonfinite(run, step, nonfinite_streak)
         if run.checkpoints.due(step + 1):
             run.checkpoints.save(step + 1, run)
     if cfg.training.steps > start_step and cfg.training.eval_every:
         # The final policy's accuracy, as the record of step `steps` (no update in it).
         run.telemetry.log(cfg.training.steps, eval_stage(run, cfg.training.steps, force=True))
+
+
+def _stop_nonfinite(run: Run, step: int, streak: int) -> None:
+    """Skipped updates leave every weight as the last good step left it: save that, then stop."""
+    run.checkpoints.save(step + 1, run)
+    raise NonFiniteTrainingError(
+        f"{streak} consecutive steps (up to step {step}) had a non-finite gradient and were "
+        f"skipped, more than training.max_nonfinite_steps={run.config.training.max_nonfinite_steps}"
+        f"; the last good weights are saved in {run.checkpoints.path(step + 1)}. Look for the "
+        f"cause (a non-finite loss term, reward or reference log-prob; a too-high lr), then "
+        f"rerun to resume from there")
 
 
 # ============================================================================ stages
@@ -338,8 +360,9 @@ def setup(cfg: Config) -> tuple[Run, int]:
     """Validate against the model, initialise parallelism, build actor/critic/server; resume."""
     from moerl.rollout.protocol import MoeLayout
     from moerl.rollout_manager import RolloutManager, SamplingSettings
+    from moerl.launch_info import model_problems
     from moerl.trainer.actor import Actor, PassSettings
-    from moerl.trainer.model import architecture_from_hf, validate_architecture_layout
+    from moerl.trainer.model import architecture_from_hf
     from moerl.trainer.parallel import init_parallel
 
     if cfg.model.dtype != "float32" and not torch.cuda.is_available():
@@ -351,18 +374,18 @@ def setup(cfg: Config) -> tuple[Run, int]:
         raise ConfigError(f"model.hf_path={cfg.model.hf_path} has no config.json; for the tiny "
                           f"default run `python -m moerl.warmstart --out {cfg.model.hf_path}` "
                           f"(launch/local.sh does this for you)")
+    problems = model_problems(cfg)  # the same checks as launch/local.sh's pre-flight
+    if problems:
+        raise ConfigError("; ".join(problems))
     hf_config = json.loads((hf_path / "config.json").read_text())
     arch = architecture_from_hf(hf_config)
     p = cfg.parallel
-    try:
-        validate_architecture_layout(arch, tp=p.tp, ep=p.ep, etp=p.etp)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
     layout, groups = init_parallel(tp=p.tp, ep=p.ep, etp=p.etp, seed=cfg.training.seed,
                                    timeout_s=3600.0)
     out_dir = Path(cfg.training.out_dir)
+    lock = None
     if layout.rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = OutDirLock(out_dir)  # before anything is written; one run per out_dir
         dump_yaml(cfg, out_dir / "config.yaml")
     t, rl = cfg.task, cfg.training.mode == "rl"
     task = build_task(name=t.name, path=t.path, eval_path=t.eval_path,
@@ -400,12 +423,10 @@ def setup(cfg: Config) -> tuple[Run, int]:
                            max_len=arch.max_position_embeddings, seed=cfg.training.seed)
     checkpoints = CheckpointManager(out_dir / "checkpoints", every=tr.checkpoint_every,
                                     final_step=tr.steps, layout=layout)
-    start_step = 0
-    if tr.resume and checkpoints.latest() is not None:
-        start_step = checkpoints.load(checkpoints.latest(), actor, critic)
-        log.warning("resumed from step %d (%s)", start_step, checkpoints.path(start_step))
+    start_step = checkpoints.resume(actor, critic) if tr.resume else 0
     rollout = None
-    if layout.rank == 0 and rl:
+    rl_left = rl and start_step < tr.steps  # a finished run starts no server and pushes nothing
+    if layout.rank == 0 and rl_left:
         r = cfg.rollout
         sampling = SamplingSettings(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                     min_p=r.min_p, max_new_tokens=r.max_new_tokens,
@@ -434,8 +455,8 @@ def setup(cfg: Config) -> tuple[Run, int]:
               actor=actor, settings=PassSettings.from_config(cfg), critic=critic,
               objective=objective, rollout=rollout, ptx=ptx,
               checkpoints=checkpoints,
-              telemetry=telemetry)
-    if rl and (start_step > 0 or cfg.rollout.server == "external"):
+              telemetry=telemetry, lock=lock)
+    if rl_left and (start_step > 0 or cfg.rollout.server == "external"):
         # The built-in server starts from hf_path, which is the policy of a fresh run; after a
         # resume, or with an external server whose weights the trainer cannot vouch for, the
         # trainer's own weights go over first.
@@ -466,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"moerl: {err}", file=sys.stderr)
         return 2
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        exit_with_launcher()  # torchrun's own session would otherwise outlive a killed launcher
     logging.basicConfig(level=cfg.logging.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _quiet_megatron(cfg.logging.log_level)
@@ -474,21 +497,32 @@ def main(argv: list[str] | None = None) -> int:
     run = None
     try:
         run, start_step = setup(cfg)
+        hf_out = Path(cfg.training.out_dir) / "hf"
+        # Decided before training, identically on every rank (save_hf is collective); a rerun
+        # of a finished run rewrites nothing.
+        write_hf = start_step < cfg.training.steps or not (hf_out / "config.json").exists()
         if cfg.training.mode == "dpo":
             from moerl.dpo import train_dpo
 
             train_dpo(run, start_step)
         else:
             train(run, start_step)
-        run.actor.save_hf(Path(cfg.training.out_dir) / "hf")  # the trained policy, HF format
+        if write_hf:
+            run.actor.save_hf(hf_out)  # the trained policy, HF format
     except ConfigError as err:
         print(f"moerl: {err}", file=sys.stderr)
         return 2
+    except NonFiniteTrainingError as err:
+        if run is not None and run.is_driver:
+            print(f"moerl: {err}", file=sys.stderr)
+        return 1
     finally:
         if run is not None:
             run.telemetry.close()
             if run.rollout is not None:
                 run.rollout.close()
+            if run.lock is not None:
+                run.lock.release()
         destroy_parallel()
     return 0
 

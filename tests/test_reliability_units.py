@@ -237,3 +237,19 @@ def _alive(pid: int) -> bool:
     state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True,
                            text=True).stdout.strip()
     return bool(state) and not state.startswith("Z")
+
+
+def test_the_trainer_itself_refuses_a_budget_beyond_the_context(model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from e2e_util import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "moerl.train", "configs/grpo.yaml", "--set",
+         f"model.hf_path={model_dir}", "--set", f"training.out_dir={tmp_path / 'run'}",
+         "--set", "rollout.max_new_tokens=600"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert "rollout.max_new_tokens=600 leaves no room for a prompt" in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -89,8 +89,8 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 def error_response(status: int, message: str) -> web.Response:
     kind = {400: "BadRequestError", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
-            405: "MethodNotAllowed", 408: "RequestTimeout", 413: "PayloadTooLarge", 415: "UnsupportedMediaType",
-            503: "ServiceUnavailable"}.get(
+            405: "MethodNotAllowed", 408: "RequestTimeout", 413: "PayloadTooLarge",
+            415: "UnsupportedMediaType", 503: "ServiceUnavailable"}.get(
         status, "InternalServerError" if status >= 500 else "BadRequestError")
     return _json({"error": {"message": message, "type": kind, "code": status}}, status)
 

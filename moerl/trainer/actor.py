@@ -248,10 +248,11 @@ class Actor:
     def save_hf(self, out_dir: str | Path) -> None:
         save_hf_checkpoint(self.model, self.arch, self.layout, self.groups, out_dir, self.hf_path)
 
-    def save(self, path: str | Path) -> None:
-        """This rank's weights and optimizer state (collective). The reference weights are not
-        saved: they are re-read from ``ref_path`` (or are the initial weights) on resume."""
-        self.optimizer.save(path)
+    def save(self, path: str | Path) -> Path:
+        """This rank's weights and optimizer state (collective); the file written. The reference
+        weights are not saved: they are re-read from ``ref_path`` (or are the initial weights)
+        on resume."""
+        return self.optimizer.save(path)
 
     def load(self, path: str | Path) -> None:
         self.optimizer.load(path)

@@ -15,6 +15,8 @@ Shape legend: B samples, T padded length, S local sequence shard, H hidden.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from moerl.algos import AGGREGATIONS, clipped_value_loss
@@ -98,8 +100,8 @@ class Critic:
         return {"critic/loss": total, "critic/vf_clipfrac": clipfrac / max(count, 1),
                 "critic/grad_norm": result.grad_norm}
 
-    def save(self, path) -> None:
-        self.optimizer.save(path)
+    def save(self, path) -> Path:
+        return self.optimizer.save(path)
 
     def load(self, path) -> None:
         self.optimizer.load(path)
