@@ -1,13 +1,13 @@
 """Parity of moerl's Megatron model with Hugging Face transformers on the same weights.
 
     torchrun --nproc_per_node N tools/parity.py --hf DIR --tp T --ep E [--etp K]
-             [--batch B --seq S --seed X]
+             [--batch B --seq S --seed X] [--bf16]
 
 Loads the HF checkpoint into the sharded Megatron model (``hf_bridge.load_hf_weights``), runs a
 fixed random batch (token ids uniform over the vocabulary, every sequence full length, seeded) in
-fp32 with natural routing, and computes each next token's log-prob with
-``logprobs.vocab_parallel_logprobs``; rank 0 runs the HF model (fp32, eager attention) on the same
-batch. Rank 0 prints one JSON line:
+fp32 (``--bf16``: both models in bf16) with natural routing, and computes each next token's log-prob with
+``logprobs.vocab_parallel_logprobs``; rank 0 runs the HF model (same dtype, eager attention, on
+the trainer's device) on the same batch. Rank 0 prints one JSON line:
 
   max_abs_logp_diff, mean_abs_logp_diff   over the B * (S - 1) next-token log-probs
   route_agreement       fraction of (token, MoE layer) whose top-k expert *sets* agree between the
@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=32, help="a multiple of --tp")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true", help="both models in bfloat16")
     return parser.parse_args(argv)
 
 
@@ -47,7 +48,7 @@ def trainer_side(args, arch, layout, groups, ids_BS):
     from moerl.trainer.model import build_gpt_model
     from moerl.trainer.routing_replay import RoutingReplay
 
-    model = build_gpt_model(arch, layout)
+    model = build_gpt_model(arch, layout, bf16=args.bf16)
     load_hf_weights(model, args.hf, arch, layout)
     model.eval()
     replay = RoutingReplay(arch, layout, tp_group=groups.tp)
@@ -59,16 +60,18 @@ def trainer_side(args, arch, layout, groups, ids_BS):
         logits_BSV = model(ids_BS, pos_BS, attention_mask=None)
         logits_NV = logits_BSV[:, :-1].reshape(-1, logits_BSV.shape[-1])
         logp_N = vocab_parallel_logprobs(logits_NV, ids_BS[:, 1:].reshape(-1), tp_group=groups.tp)
-    return logp_N.view(batch, seq - 1).cpu(), recorded.routes_BTLK.cpu()
+    return logp_N.view(batch, seq - 1).float().cpu(), recorded.routes_BTLK.cpu(), device
 
 
-def hf_side(args, arch, ids_BS):
-    """HF fp32 log-probs [B, S-1] and the HF routers' top-k [B, S, L, K]."""
+def hf_side(args, arch, ids_BS, device):
+    """HF log-probs [B, S-1] and the HF routers' top-k [B, S, L, K], on ``device``."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(args.hf, dtype=torch.float32,
-                                                 attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(
+        args.hf, dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        attn_implementation="eager").to(device)
     model.eval()
+    ids_BS = ids_BS.to(device)
     layers = model.model.layers
     topk = {}
 
@@ -96,7 +99,7 @@ def hf_side(args, arch, ids_BS):
     batch, seq = ids_BS.shape
     routes_BSLK = torch.stack([topk[i].reshape(batch, seq, arch.top_k)
                                for i in arch.moe_layer_ids], dim=2)
-    return logp_BS, routes_BSLK
+    return logp_BS.float().cpu(), routes_BSLK.cpu()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gen = torch.Generator().manual_seed(args.seed)
         ids_BS = torch.randint(0, arch.vocab_size, (args.batch, args.seq), generator=gen)
-        logp_BS, routes_BSLK = trainer_side(args, arch, layout, groups, ids_BS)
+        logp_BS, routes_BSLK, device = trainer_side(args, arch, layout, groups, ids_BS)
         if layout.rank == 0:
-            hf_logp_BS, hf_routes_BSLK = hf_side(args, arch, ids_BS)
+            hf_logp_BS, hf_routes_BSLK = hf_side(args, arch, ids_BS, device)
             diff = (logp_BS - hf_logp_BS).abs()
             agreement = routing_agreement(routes_BSLK, hf_routes_BSLK.to(routes_BSLK.dtype),
                                           torch.ones(args.batch, args.seq, dtype=torch.bool))
@@ -127,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                 "token_route_mismatch": agreement["token_route_mismatch"].item(),
                 "world": layout.world, "tp": layout.tp, "ep": layout.ep, "etp": layout.etp,
                 "dp": layout.dp, "batch": args.batch, "seq": args.seq,
-                "num_moe_layers": len(arch.moe_layer_ids), "dtype": "float32"}), flush=True)
+                "num_moe_layers": len(arch.moe_layer_ids),
+                "dtype": "bfloat16" if args.bf16 else "float32", "device": str(device)}),
+                flush=True)
     finally:
         destroy_parallel()
     return 0
