@@ -244,7 +244,7 @@ def run_flavour(layout, groups, *, norm_topk_prob: bool) -> dict:
     out["perturbed_exact_fraction"] = min(fr)
 
     # gradients reach the routers under replay
-    weight_BTV = torch.randn(batch, SEQ_LEN, arch.vocab_size // layout.tp,
+    weight_BTV = torch.randn(batch, SEQ_LEN, arch.padded_vocab_size(layout.tp) // layout.tp,
                              generator=torch.Generator().manual_seed(11 + layout.tp_rank))
     tap.calls.clear()
     grads = train_step(model, rr, mr, ids_BT, pos_BT, weight_BTV)
