@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from moerl.families import glm4_moe, mixtral, qwen2_moe, qwen3_moe
+from moerl.families import deepseek_v3, glm4_moe, mixtral, qwen2_moe, qwen3_moe
 from moerl.families.base import Family, MoEArchitecture, RouterRule, Unit
 
 __all__ = ["FAMILIES", "Family", "MoEArchitecture", "RouterRule", "Unit", "architecture_from_hf",
            "family_of"]
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (qwen3_moe.FAMILY, mixtral.FAMILY,
-                                                   qwen2_moe.FAMILY, glm4_moe.FAMILY)}
+                                                   qwen2_moe.FAMILY, glm4_moe.FAMILY,
+                                                   deepseek_v3.FAMILY)}
 
 
 def family_of(arch: MoEArchitecture) -> Family:

@@ -50,6 +50,29 @@ class RouterRule:
 
 
 @dataclass(frozen=True)
+class MLAShape:
+    """Multi-head latent attention (DeepSeek-V2/V3): low-rank query and key/value projections."""
+
+    q_lora_rank: int | None  # None: a plain query projection (DeepSeek-V2-Lite, Moonlight-style)
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+
+@dataclass(frozen=True)
+class Yarn:
+    """YaRN RoPE scaling as DeepSeek-V3 checkpoints ship it (``rope_scaling`` / ``rope_parameters``)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclass(frozen=True)
 class MoEArchitecture:
     """The facts about a model that the trainer, bridge, replay and planner all need."""
 
@@ -76,6 +99,8 @@ class MoEArchitecture:
     rotary_percent: float = 1.0  # fraction of each head's dims that RoPE rotates
     qkv_bias: bool = False  # q/k/v projections carry a bias
     num_mtp_layers: int = 0  # multi-token-prediction layers on disk (not part of the policy)
+    mla: MLAShape | None = None  # multi-head latent attention instead of GQA
+    yarn: Yarn | None = None  # YaRN RoPE scaling (None: plain RoPE)
 
     @property
     def norm_topk_prob(self) -> bool:
@@ -96,7 +121,8 @@ class Unit:
     """One logical Megatron tensor and the HF tensors (name, full shape) it is made of.
 
     ``split`` says how Megatron shards it (see ``moerl.trainer.hf_bridge``): ``none``, ``rows``,
-    ``cols``, ``qkv``, ``glu`` or ``vocab`` (rows, padded to :meth:`padded_vocab_size`).
+    ``cols``, ``qkv``, ``glu``, ``vocab`` (rows, padded to :meth:`padded_vocab_size`) or ``down``
+    (MLA's down projections: ``rows`` in Megatron's local spec, replicated with Transformer Engine).
     ``buffer``: a Megatron buffer, not a parameter (the router's expert bias).
     """
 

@@ -69,6 +69,10 @@ def hf_tensor_shapes(arch: MoEArchitecture) -> dict[str, tuple[int, ...]]:
 _TE_FUSED_NORMS = (
     (re.compile(r"^(decoder\.layers\.\d+)\.self_attention\.linear_qkv\.layer_norm_weight$"),
      r"\1.input_layernorm.weight"),
+    (re.compile(r"^(decoder\.layers\.\d+\.self_attention)\.linear_q_up_proj\.layer_norm_weight$"),
+     r"\1.q_layernorm.weight"),
+    (re.compile(r"^(decoder\.layers\.\d+\.self_attention)\.linear_kv_up_proj\.layer_norm_weight$"),
+     r"\1.kv_layernorm.weight"),
     (re.compile(r"^(decoder\.layers\.\d+)\.mlp\.linear_fc1\.layer_norm_weight$"),
      r"\1.pre_mlp_layernorm.weight"),
 )
@@ -133,9 +137,15 @@ def _describe(**named_lists: list[str]) -> str:
     return "; ".join(parts)
 
 
-def _shard_coords(unit: Unit, layout: ParallelLayout) -> tuple[int, int]:
+def _replicated(unit: Unit, local: torch.Tensor) -> bool:
+    """Whether this rank holds ``unit`` whole: ``none``, or an MLA ``down`` projection that
+    Transformer Engine duplicates (the local spec splits it by rows)."""
+    return unit.split == "none" or (unit.split == "down" and local.shape[0] == unit.hf[0][1][0])
+
+
+def _shard_coords(unit: Unit, layout: ParallelLayout, local: torch.Tensor) -> tuple[int, int]:
     """(shard index, number of shards) of this rank's piece of ``unit``."""
-    if unit.split == "none":
+    if _replicated(unit, local):
         return 0, 1
     if unit.expert is not None:
         return _expert_tp(layout)[0], layout.etp
@@ -187,7 +197,7 @@ def _read_shard(ckpt: _Checkpoint, unit: Unit, arch: MoEArchitecture, shard: int
         n = ckpt.shape(name)[0] // num_shards
         return ckpt.slice(name)[shard * n:(shard + 1) * n]
 
-    if unit.split == "rows":
+    if unit.split in ("rows", "down"):
         return rows(unit.hf_names[0])
     if unit.split == "vocab":
         return _vocab_rows(ckpt, unit.hf_names[0], arch, shard, num_shards)
@@ -223,8 +233,8 @@ def _merge_shards(unit: Unit, shards: list[torch.Tensor],
     """Inverse of :func:`_read_shard`: all shards of ``unit`` -> its full HF tensors."""
     if unit.split == "none":
         return [(unit.hf_names[0], shards[0])]
-    if unit.split in ("rows", "cols"):
-        return [(unit.hf_names[0], torch.cat(shards, dim=0 if unit.split == "rows" else 1))]
+    if unit.split in ("rows", "cols", "down"):
+        return [(unit.hf_names[0], torch.cat(shards, dim=1 if unit.split == "cols" else 0))]
     if unit.split == "vocab":  # strip Megatron's vocabulary padding
         return [(unit.hf_names[0], torch.cat(shards)[:arch.vocab_size])]
     if unit.split == "glu":
@@ -288,7 +298,7 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, arch: MoEArchite
         _check_checkpoint(ckpt, arch)
         for key, param in local.items():
             unit = units[key]
-            shard, num_shards = _shard_coords(unit, layout)
+            shard, num_shards = _shard_coords(unit, layout, param)
             value = _read_shard(ckpt, unit, arch, shard, num_shards)
             if value.shape != param.shape:
                 raise ValueError(f"{key}: checkpoint shard {list(value.shape)} does not fit the "
@@ -323,7 +333,8 @@ def export_hf_weights(model: torch.nn.Module, arch: MoEArchitecture, layout: Par
     for unit in _units(arch):
         if unit.expert is None:
             mine = local[unit.key].detach()
-            shards = [mine] if unit.split == "none" else _all_gather(mine, layout.tp, groups.tp)
+            shards = ([mine] if _replicated(unit, mine)
+                      else _all_gather(mine, layout.tp, groups.tp))
         else:
             mine = _expert_from_owner(local, unit, experts_per_rank, layout, groups.ep)
             shards = _all_gather(mine, layout.etp, etp_group)

@@ -18,8 +18,8 @@ from moerl.families import MoEArchitecture, architecture_from_hf, family_of
 from moerl.families.base import router_settings
 from moerl.trainer.parallel import ParallelLayout
 
-__all__ = ["MoEArchitecture", "architecture_from_hf", "build_gpt_model", "transformer_config",
-           "validate_architecture_layout"]
+__all__ = ["MoEArchitecture", "architecture_from_hf", "build_gpt_model", "check_replay_config",
+           "transformer_config", "validate_architecture_layout"]
 
 
 def validate_architecture_layout(arch: MoEArchitecture, *, tp: int, ep: int, etp: int) -> None:
@@ -35,6 +35,11 @@ def validate_architecture_layout(arch: MoEArchitecture, *, tp: int, ep: int, etp
         problems.append(f"parallel.etp={etp} does not divide the expert FFN width {arch.expert_ffn}")
     if arch.dense_ffn % tp and not all(arch.moe_layers):
         problems.append(f"parallel.tp={tp} does not divide intermediate_size={arch.dense_ffn}")
+    if arch.mla and not use_transformer_engine():  # the local spec splits the down projections
+        down = {"q_lora_rank": arch.mla.q_lora_rank or 0,
+                "kv_lora_rank + qk_rope_head_dim": arch.mla.kv_lora_rank + arch.mla.qk_rope_head_dim}
+        problems += [f"parallel.tp={tp} does not divide {name}={size}"
+                     for name, size in down.items() if size % tp]
     if problems:
         raise ValueError("model/parallel layout mismatch: " + "; ".join(problems))
 
@@ -63,7 +68,7 @@ def transformer_config(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: b
     ``routing_replay=False`` builds a model without ``RouterReplay`` instances (the PPO critic:
     megatron keeps one process-global list of them, which must hold the actor's only).
     """
-    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
     from moerl.trainer.cpu_compat import check_cpu_config
 
@@ -95,7 +100,21 @@ def transformer_config(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: b
     # The family's own settings (attention shape, QK-norm, shared experts, ...) override these.
     settings.update(router_settings(arch.router))
     settings.update(family_of(arch).megatron_settings(arch))
-    return TransformerConfig(**settings)
+    return (MLATransformerConfig if arch.mla else TransformerConfig)(**settings)
+
+
+def check_replay_config(config) -> None:
+    """Refuse Megatron router settings under which routing replay would silently do nothing
+    or train a moving selection (DESIGN.md "Sigmoid and grouped routers under replay")."""
+    if not config.moe_enable_routing_replay:
+        return
+    if getattr(config, "moe_router_fusion", False):
+        raise ValueError("moe_router_fusion=True bypasses RouterReplay (the fused TE top-k kernel "
+                         "never calls it): routing replay would replay nothing; turn it off")
+    if config.moe_router_enable_expert_bias and config.moe_router_bias_update_rate != 0:
+        raise ValueError(f"moe_router_bias_update_rate={config.moe_router_bias_update_rate}: the "
+                         "expert bias must stay frozen in RL (rate 0), or replayed and natural "
+                         "selections drift apart between rollout and training")
 
 
 def build_gpt_model(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: bool = False,
@@ -109,8 +128,13 @@ def build_gpt_model(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: bool
     validate_architecture_layout(arch, tp=layout.tp, ep=layout.ep, etp=layout.etp)
     config = transformer_config(arch, layout, bf16=bf16, recompute=recompute,
                                 token_dispatcher=token_dispatcher, routing_replay=routing_replay)
+    check_replay_config(config)
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine(),
                                       normalization="RMSNorm")
+    if arch.mla and not use_transformer_engine():
+        from moerl.trainer.mla_attention import use_local_mla_core_attention
+
+        use_local_mla_core_attention(spec)
     return GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=arch.padded_vocab_size(layout.tp),
         max_sequence_length=arch.max_position_embeddings, position_embedding_type="rope",
