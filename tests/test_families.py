@@ -1,15 +1,17 @@
 """Model families beyond Qwen3-MoE/Mixtral, and vocabulary padding, end to end on the Megatron side.
 
-Tiny random-weight checkpoints (``tests/family_models.py``: GLM-4.5 and Qwen2-MoE with odd
-vocabularies, plus a Qwen3-MoE with an odd vocabulary and tied embeddings), fp32 on CPU:
+Tiny random-weight checkpoints (``tests/family_models.py``: DeepSeek-V3 with MLA and YaRN, GLM-4.5
+and Qwen2-MoE, all with odd vocabularies, plus a Qwen3-MoE with an odd vocabulary and tied
+embeddings), fp32 on CPU:
 
 - HF load -> export is bit-identical at TP/EP/ETP 1/1/1, 2/2/1, 2/1/1, 1/2/1 and 2/1/2
   (vocabulary padding is zero-filled on load and stripped on export);
 - log-probs match transformers within 1e-4 at every layout (padded logits excluded);
 - ``tools/parity.py`` at TP=2/EP=2 (sequence parallel): route agreement 1.0 with the HF routers
   (GLM: sigmoid + expert bias + grouped top-k; Qwen2-MoE: softmax without renormalisation);
-- TP=2/EP=2/SP against TP=1 on one training step: log-probs within 1e-5, gradients within 1e-5
-  relative to each tensor's norm, and the expert bias (frozen in RL) unchanged by the step.
+- TP=2/EP=2/SP against TP=1 on one training step (DeepSeek-V3 and GLM-4.5): log-probs within
+  1e-5, gradients within 1e-5 relative to each tensor's norm, and the expert bias (frozen in RL)
+  unchanged by the step.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from model_common import fixed_batch, torchrun  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS_2 = ("2,2,1", "2,1,1", "1,2,1", "2,1,2")
-NAMES = ("glm4_moe", "qwen2_moe", "qwen3_odd")
+NAMES = ("deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_odd")
 RUNS = [f"{n}/{spec}" for n in NAMES for spec in ("1,1,1", *LAYOUTS_2)]
 LOGP_TOL, TP_LOGP_TOL, GRAD_REL_TOL = 1e-4, 1e-5, 1e-5
 
@@ -52,7 +54,7 @@ def bridge(ckpts, tmp_path_factory):
     torchrun("bridge_run.py", "--ckpts", *paths, "--out", str(out), "--layouts", "1,1,1",
              nproc=1)
     torchrun("bridge_run.py", "--ckpts", *paths, "--out", str(out), "--layouts", *LAYOUTS_2,
-             nproc=2, timeout_s=480)
+             nproc=2, timeout_s=900)
     return out, json.loads((out / "bridge_results.json").read_text())
 
 
@@ -86,7 +88,7 @@ def test_logprobs_match_transformers_at_every_layout(bridge, ckpts, name):
         assert diff <= LOGP_TOL, f"{name} {spec}: max |dlogp| {diff:.3g}"
 
 
-@pytest.mark.parametrize("name", ["glm4_moe", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe", "qwen2_moe"])
 def test_parity_tool_routes_agree_with_transformers_tp2_ep2(ckpts, name):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "tools" / "parity.py"), "--hf", str(ckpts[name]), "--tp", "2", "--ep", "2",
@@ -100,10 +102,11 @@ def test_parity_tool_routes_agree_with_transformers_tp2_ep2(ckpts, name):
     assert report["max_abs_logp_diff"] <= LOGP_TOL, report
 
 
-@pytest.fixture(scope="module")
-def glm_step(ckpts, tmp_path_factory):
-    out = tmp_path_factory.mktemp("families_step")
-    ckpt = str(ckpts["glm4_moe"])
+@pytest.fixture(scope="module", params=["deepseek_v3", "glm4_moe"])
+def glm_step(request, ckpts, tmp_path_factory):
+    """One training step of a sigmoid-router family at TP=1 and at TP=2/EP=2/SP."""
+    out = tmp_path_factory.mktemp(f"families_step_{request.param}")
+    ckpt = str(ckpts[request.param])
     torchrun("model_train.py", "--ckpt", ckpt, "--out", str(out), "--layouts", "1,1,1",
              "--step-only", nproc=1)
     torchrun("model_train.py", "--ckpt", ckpt, "--out", str(out), "--layouts", "2,2,1",
@@ -111,7 +114,7 @@ def glm_step(ckpts, tmp_path_factory):
     return lambda tag, what: torch.load(out / f"{tag}_{what}.pt", weights_only=True)
 
 
-def test_glm_tp2_ep2_sp_matches_tp1_logprobs_and_gradients(glm_step):
+def test_tp2_ep2_sp_matches_tp1_logprobs_and_gradients(glm_step):
     ref, got = glm_step("1_1_1", "logp"), glm_step("2_2_1", "logp")
     assert (got - ref).abs().max().item() <= TP_LOGP_TOL
     g_ref, g_got = glm_step("1_1_1", "grads"), glm_step("2_2_1", "grads")
@@ -137,15 +140,9 @@ def test_expert_bias_is_frozen_by_a_training_step(glm_step, tag):
 
 
 def _glm_arch():
-    from transformers import Glm4MoeConfig
-
     from moerl.families import architecture_from_hf
 
-    return architecture_from_hf(Glm4MoeConfig(
-        vocab_size=61, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
-        first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True))
+    return architecture_from_hf(_glm_arch_dict())
 
 
 def test_sigmoid_router_settings_freeze_the_bias_and_keep_the_hf_rule():
@@ -181,7 +178,7 @@ def _glm_arch_dict() -> dict:
         vocab_size=61, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
-        first_k_dense_replace=1, routed_scaling_factor=2.5).to_dict()
+        first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True).to_dict()
 
 
 @pytest.mark.parametrize("setting, value, match", [
