@@ -150,7 +150,7 @@ def bench_replay(args, layout, groups) -> dict:
 
     def loss_of(logits_BSV):
         logp_N = vocab_parallel_logprobs(logits_BSV[:, :-1].reshape(-1, logits_BSV.shape[-1]),
-                                         targets_N, tp_group=groups.tp)
+                                         targets_N, tp_group=groups.tp, vocab_size=arch.vocab_size)
         return -logp_N.mean()
 
     def natural_step():

@@ -59,13 +59,16 @@ def trainer_side(args, arch, layout, groups, ids_BS):
     with torch.no_grad(), replay.record(batch_size=batch, seq_len=seq) as recorded:
         logits_BSV = model(ids_BS, pos_BS, attention_mask=None)
         logits_NV = logits_BSV[:, :-1].reshape(-1, logits_BSV.shape[-1])
-        logp_N = vocab_parallel_logprobs(logits_NV, ids_BS[:, 1:].reshape(-1), tp_group=groups.tp)
+        logp_N = vocab_parallel_logprobs(logits_NV, ids_BS[:, 1:].reshape(-1), tp_group=groups.tp,
+                                         vocab_size=arch.vocab_size)
     return logp_N.view(batch, seq - 1).float().cpu(), recorded.routes_BTLK.cpu(), device
 
 
 def hf_side(args, arch, ids_BS, device):
     """HF log-probs [B, S-1] and the HF routers' top-k [B, S, L, K], on ``device``."""
     from transformers import AutoModelForCausalLM
+
+    from moerl.families import family_of
 
     model = AutoModelForCausalLM.from_pretrained(
         args.hf, dtype=torch.bfloat16 if args.bf16 else torch.float32,
@@ -88,7 +91,7 @@ def hf_side(args, arch, ids_BS, device):
 
     handles = []
     for layer_id in arch.moe_layer_ids:
-        block = getattr(layers[layer_id], "mlp", None) or getattr(layers[layer_id], arch.spec.mlp)
+        block = getattr(layers[layer_id], family_of(arch).moe_module)
         handles.append(block.gate.register_forward_hook(capture(layer_id)))
     with torch.no_grad():
         logits_BSV = model(input_ids=ids_BS).logits.float()

@@ -50,7 +50,7 @@ def parameter_counts(arch: MoEArchitecture) -> dict[str, int]:
     """Whole-model parameter counts by kind (HF tensors, no padding)."""
     h, hd = arch.hidden_size, arch.head_dim
     attn = h * (arch.num_heads + 2 * arch.num_kv_heads) * hd + arch.num_heads * hd * h
-    norms = 2 * h + (2 * hd if arch.spec.qk_norm else 0)
+    norms = 2 * h + (2 * hd if arch.qk_norm else 0)
     num_moe = sum(arch.moe_layers)
     num_dense = arch.num_layers - num_moe
     embed = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2)

@@ -32,6 +32,10 @@ class CheckpointWriter:
 
     def __init__(self, model: torch.nn.Module):
         self._params = dict(model.named_parameters())
+        # Persistent buffers a checkpoint carries too (DeepSeek-V3/GLM-4.5's router
+        # e_score_correction_bias); non-persistent ones (RoPE tables) are not in the state dict.
+        persistent = model.state_dict().keys()
+        self._params.update((n, b) for n, b in model.named_buffers() if n in persistent)
         tied = getattr(model.config, "tie_word_embeddings", False)
         self._skip = {"lm_head.weight"} if tied and "lm_head.weight" not in self._params else set()
 

@@ -98,9 +98,11 @@ class Actor:
             kept = {"kept_ids_M": mb.kept_ids_M, "kept_offsets_N1": mb.kept_offsets_N1}
         logprobs_N = vocab_parallel_logprobs(logits_NV, mb.targets_BT.reshape(-1),
                                              tp_group=self.groups.tp,
-                                             temperature=settings.temperature, **kept)
+                                             temperature=settings.temperature,
+                                             vocab_size=self.arch.vocab_size, **kept)
         entropy_N = (vocab_parallel_entropy(logits_NV, tp_group=self.groups.tp,
-                                            temperature=settings.temperature)
+                                            temperature=settings.temperature,
+                                            vocab_size=self.arch.vocab_size)
                      if entropy else None)
         return logprobs_N.view(b, t), None if entropy_N is None else entropy_N.view(b, t)
 

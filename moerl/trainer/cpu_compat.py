@@ -36,6 +36,9 @@ The patches:
    ``param.grad.type() == 'torch.cuda.FloatTensor'``; the replacement scales the same gradients by
    the same coefficient with ``torch._foreach_mul_``.
 
+6. Multi-latent attention's ``HAVE_TE`` flag, true without Transformer Engine in 0.16.1 (see
+   :func:`_patch_mla_have_te`); YaRN RoPE allocates like patch 1 and is in its module list.
+
 Not patched, but refused with a clear error by :func:`check_cpu_config`: the all-to-all token
 dispatcher creates CUDA streams; on CPU moerl uses the all-gather dispatcher.
 """
@@ -56,6 +59,7 @@ _CPU = torch.device("cpu")
 # Megatron modules whose module-global ``torch`` is replaced by the stand-in (patch 1).
 _CUDA_DEVICE_MODULES = (
     "megatron.core.models.common.embeddings.rotary_pos_embedding",  # inv_freq -> current_device
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",  # MLA's YaRN: same
     "megatron.core.utils",  # GlobalMemoryBuffer allocates on current_device
     "megatron.core.transformer.utils",  # get_default_causal_mask(device="cuda")
     "megatron.core.transformer.moe.router",  # moves router weight to current_device
@@ -203,8 +207,20 @@ def apply_cpu_patches() -> bool:
     from megatron.core.optimizer import optimizer as moptimizer
 
     moptimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+    _patch_mla_have_te()
     _applied = True
     return True
+
+
+def _patch_mla_have_te() -> None:
+    """Patch 6: megatron-core 0.16.1's ``multi_latent_attention`` sets ``HAVE_TE = True`` when its
+    TE-extension import succeeds, which it does without Transformer Engine (the names come back as
+    placeholder objects, not classes); ``isinstance(self.linear_proj, TELinear)`` then raises.
+    Without TE the flag must be False (0.19 reads it from the extension module, where it is)."""
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if mla.HAVE_TE and not isinstance(mla.TELinear, type):
+        mla.HAVE_TE = False
 
 
 def check_cpu_config(*, token_dispatcher: str) -> None:

@@ -7,12 +7,15 @@ memory is one full tensor; the same iterator feeds ``save_hf_checkpoint`` and th
 the rollout server, so its order and names are part of the contract: :func:`hf_tensor_shapes`
 lists them, in export order.
 
-The mapping is a list of *units*, one per logical Megatron parameter (experts counted by global
+The mapping is the family's list of *units* (``moerl.families``), one per logical Megatron tensor (experts counted by global
 id), each naming its HF tensors and how Megatron lays them out:
 
 - ``none``: replicated on every TP rank (norms, QK-norms, router).
 - ``rows`` / ``cols``: the full tensor split into equal contiguous blocks along dim 0 / dim 1
-  (vocab-parallel embedding and output layer; ``linear_proj`` and ``linear_fc2``).
+  (``linear_proj`` and ``linear_fc2``).
+- ``vocab``: the vocab-parallel embedding and output layer: ``rows`` of the tensor zero-padded to
+  ``arch.padded_vocab_size(tp)`` rows (Megatron's convention); loading writes zeros into the
+  padded rows, exporting strips them, so the HF round trip stays bit-identical.
 - ``qkv``: Megatron's fused QKV weight stores, per query group ``g``, the rows of the group's
   ``num_heads / num_kv_heads`` query heads, then its key head, then its value head; TP splits the
   groups into contiguous blocks.
@@ -36,86 +39,25 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from moerl.families import MoEArchitecture, Unit, family_of
 from moerl.hf_io import INDEX_FILE, SINGLE_FILE, write_hf_checkpoint
-from moerl.trainer.model import MoEArchitecture
 from moerl.trainer.parallel import ParallelLayout, ProcessGroups
 
 _MAX_LISTED = 12  # names listed per category in an error message
+_log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class _Unit:
-    """One logical Megatron parameter and the HF tensors (name, full shape) it is made of."""
-
-    key: str  # canonical Megatron name; experts by global id: "...experts.{e}.linear_fc1.weight"
-    hf: tuple[tuple[str, tuple[int, ...]], ...]
-    split: str  # "none" | "rows" | "cols" | "qkv" | "glu"
-    expert: int | None = None  # global expert id
-
-    @property
-    def hf_names(self) -> tuple[str, ...]:
-        return tuple(name for name, _ in self.hf)
-
-
-def _units(arch: MoEArchitecture) -> list[_Unit]:
-    """All units of the model, in export order (embedding, layer by layer, final norm, head)."""
-    spec = arch.spec
-    h, d, v_size = arch.hidden_size, arch.head_dim, arch.vocab_size
-    q_dim, kv_dim = arch.num_heads * d, arch.num_kv_heads * d
-    q, k, v, o = spec.attn_proj
-
-    def mlp_units(meg: str, hf: str, names: tuple[str, str, str], ffn: int,
-                  expert: int | None) -> list[_Unit]:
-        gate, up, down = names
-        return [_Unit(f"{meg}.linear_fc1.weight",
-                      ((f"{hf}.{gate}.weight", (ffn, h)), (f"{hf}.{up}.weight", (ffn, h))),
-                      "glu", expert),
-                _Unit(f"{meg}.linear_fc2.weight", ((f"{hf}.{down}.weight", (h, ffn)),), "cols",
-                      expert)]
-
-    units = [_Unit("embedding.word_embeddings.weight",
-                   (("model.embed_tokens.weight", (v_size, h)),), "rows")]
-    for i, is_moe in enumerate(arch.moe_layers):
-        meg, hf = f"decoder.layers.{i}", f"model.layers.{i}"
-        attn = f"{hf}.self_attn"
-        units += [
-            _Unit(f"{meg}.input_layernorm.weight", ((f"{hf}.input_layernorm.weight", (h,)),),
-                  "none"),
-            _Unit(f"{meg}.self_attention.linear_qkv.weight",
-                  ((f"{attn}.{q}.weight", (q_dim, h)), (f"{attn}.{k}.weight", (kv_dim, h)),
-                   (f"{attn}.{v}.weight", (kv_dim, h))), "qkv"),
-        ]
-        if spec.qk_norm:
-            units += [_Unit(f"{meg}.self_attention.{which}_layernorm.weight",
-                            ((f"{attn}.{norm}.weight", (d,)),), "none")
-                      for which, norm in zip("qk", spec.qk_norm_names)]
-        units += [
-            _Unit(f"{meg}.self_attention.linear_proj.weight", ((f"{attn}.{o}.weight", (h, q_dim)),),
-                  "cols"),
-            _Unit(f"{meg}.pre_mlp_layernorm.weight",
-                  ((f"{hf}.post_attention_layernorm.weight", (h,)),), "none"),
-        ]
-        mlp = f"{hf}.{spec.mlp}"
-        if not is_moe:
-            units += mlp_units(f"{meg}.mlp", mlp, spec.dense_proj, arch.dense_ffn, None)
-            continue
-        units.append(_Unit(f"{meg}.mlp.router.weight",
-                           ((f"{mlp}.gate.weight", (arch.num_experts, h)),), "none"))
-        for e in range(arch.num_experts):
-            units += mlp_units(f"{meg}.mlp.experts.{e}", f"{mlp}.experts.{e}", spec.expert_proj,
-                               arch.expert_ffn, e)
-    units.append(_Unit("decoder.final_layernorm.weight", (("model.norm.weight", (h,)),), "none"))
-    if not arch.tie_word_embeddings:
-        units.append(_Unit("output_layer.weight", (("lm_head.weight", (v_size, h)),), "rows"))
-    return units
+def _units(arch: MoEArchitecture) -> list[Unit]:
+    """All units of the model, in export order (the family's tensor map)."""
+    return family_of(arch).units(arch)
 
 
 def hf_tensor_shapes(arch: MoEArchitecture) -> dict[str, tuple[int, ...]]:
@@ -127,6 +69,10 @@ def hf_tensor_shapes(arch: MoEArchitecture) -> dict[str, tuple[int, ...]]:
 _TE_FUSED_NORMS = (
     (re.compile(r"^(decoder\.layers\.\d+)\.self_attention\.linear_qkv\.layer_norm_weight$"),
      r"\1.input_layernorm.weight"),
+    (re.compile(r"^(decoder\.layers\.\d+\.self_attention)\.linear_q_up_proj\.layer_norm_weight$"),
+     r"\1.q_layernorm.weight"),
+    (re.compile(r"^(decoder\.layers\.\d+\.self_attention)\.linear_kv_up_proj\.layer_norm_weight$"),
+     r"\1.kv_layernorm.weight"),
     (re.compile(r"^(decoder\.layers\.\d+)\.mlp\.linear_fc1\.layer_norm_weight$"),
      r"\1.pre_mlp_layernorm.weight"),
 )
@@ -159,15 +105,21 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def _local_params(model: torch.nn.Module, arch: MoEArchitecture,
                   layout: ParallelLayout) -> dict[str, torch.nn.Parameter]:
-    """Unit key -> this rank's parameter; ValueError if the model and ``arch`` disagree."""
+    """Unit key -> this rank's parameter (or mapped buffer, e.g. the router's expert bias);
+    ValueError if the model and ``arch`` disagree."""
     experts_per_rank = arch.num_experts // layout.ep
+    units = _units(arch)
+    buffer_keys = {u.key for u in units if u.buffer}
     local = {}
-    for name, param in _unwrap(model).named_parameters():
+    module = _unwrap(model)
+    named = [*module.named_parameters(),
+             *((name, b) for name, b in module.named_buffers() if name in buffer_keys)]
+    for name, param in named:
         key = _canonical_key(name, experts_per_rank=experts_per_rank, ep_rank=layout.ep_rank)
         if key in local:
             raise ValueError(f"two Megatron parameters map to {key!r}")
         local[key] = param
-    owned = {u.key for u in _units(arch)
+    owned = {u.key for u in units
              if u.expert is None or u.expert // experts_per_rank == layout.ep_rank}
     missing, unexpected = sorted(owned - local.keys()), sorted(local.keys() - owned)
     if missing or unexpected:
@@ -185,9 +137,15 @@ def _describe(**named_lists: list[str]) -> str:
     return "; ".join(parts)
 
 
-def _shard_coords(unit: _Unit, layout: ParallelLayout) -> tuple[int, int]:
+def _replicated(unit: Unit, local: torch.Tensor) -> bool:
+    """Whether this rank holds ``unit`` whole: ``none``, or an MLA ``down`` projection that
+    Transformer Engine duplicates (the local spec splits it by rows)."""
+    return unit.split == "none" or (unit.split == "down" and local.shape[0] == unit.hf[0][1][0])
+
+
+def _shard_coords(unit: Unit, layout: ParallelLayout, local: torch.Tensor) -> tuple[int, int]:
     """(shard index, number of shards) of this rank's piece of ``unit``."""
-    if unit.split == "none":
+    if _replicated(unit, local):
         return 0, 1
     if unit.expert is not None:
         return _expert_tp(layout)[0], layout.etp
@@ -229,7 +187,7 @@ class _Checkpoint:
         return tuple(self.slice(name).get_shape())
 
 
-def _read_shard(ckpt: _Checkpoint, unit: _Unit, arch: MoEArchitecture, shard: int,
+def _read_shard(ckpt: _Checkpoint, unit: Unit, arch: MoEArchitecture, shard: int,
                 num_shards: int) -> torch.Tensor:
     """This rank's piece of ``unit`` in Megatron's layout, read slice by slice."""
     if unit.split == "none":
@@ -239,8 +197,10 @@ def _read_shard(ckpt: _Checkpoint, unit: _Unit, arch: MoEArchitecture, shard: in
         n = ckpt.shape(name)[0] // num_shards
         return ckpt.slice(name)[shard * n:(shard + 1) * n]
 
-    if unit.split == "rows":
+    if unit.split in ("rows", "down"):
         return rows(unit.hf_names[0])
+    if unit.split == "vocab":
+        return _vocab_rows(ckpt, unit.hf_names[0], arch, shard, num_shards)
     if unit.split == "cols":
         n = ckpt.shape(unit.hf_names[0])[1] // num_shards
         return ckpt.slice(unit.hf_names[0])[:, shard * n:(shard + 1) * n]
@@ -248,28 +208,55 @@ def _read_shard(ckpt: _Checkpoint, unit: _Unit, arch: MoEArchitecture, shard: in
         return torch.cat([rows(name) for name in unit.hf_names])
     assert unit.split == "qkv", unit.split
     groups = arch.num_kv_heads // num_shards  # contiguous block of query groups of this shard
-    q_k_v = [rows(name).reshape(groups, -1, arch.hidden_size) for name in unit.hf_names]
-    qkv_GRH = torch.cat(q_k_v, dim=1)
-    return qkv_GRH.reshape(-1, arch.hidden_size)
+    q_k_v = [rows(name) for name in unit.hf_names]
+    rest = q_k_v[0].shape[1:]  # (H,) for the weight, () for the bias
+    qkv_GRH = torch.cat([t.reshape(groups, -1, *rest) for t in q_k_v], dim=1)
+    return qkv_GRH.reshape(-1, *rest)
 
 
-def _merge_shards(unit: _Unit, shards: list[torch.Tensor],
+def _vocab_rows(ckpt: _Checkpoint, name: str, arch: MoEArchitecture, shard: int,
+                num_shards: int) -> torch.Tensor:
+    """Rows ``[shard * n, (shard + 1) * n)`` of the vocabulary padded to
+    ``padded_vocab_size(num_shards)``: real rows from the file, zeros past ``vocab_size``."""
+    n = arch.padded_vocab_size(num_shards) // num_shards
+    start, stop = shard * n, min((shard + 1) * n, arch.vocab_size)
+    real = ckpt.slice(name)[start:stop] if stop > start else None
+    out = torch.zeros((n, *ckpt.shape(name)[1:]),
+                      dtype=real.dtype if real is not None else torch.float32)
+    if real is not None:
+        out[:stop - start] = real
+    return out
+
+
+def _merge_shards(unit: Unit, shards: list[torch.Tensor],
                   arch: MoEArchitecture) -> list[tuple[str, torch.Tensor]]:
     """Inverse of :func:`_read_shard`: all shards of ``unit`` -> its full HF tensors."""
     if unit.split == "none":
         return [(unit.hf_names[0], shards[0])]
-    if unit.split in ("rows", "cols"):
-        return [(unit.hf_names[0], torch.cat(shards, dim=0 if unit.split == "rows" else 1))]
+    if unit.split in ("rows", "cols", "down"):
+        return [(unit.hf_names[0], torch.cat(shards, dim=1 if unit.split == "cols" else 0))]
+    if unit.split == "vocab":  # strip Megatron's vocabulary padding
+        return [(unit.hf_names[0], torch.cat(shards)[:arch.vocab_size])]
     if unit.split == "glu":
         halves = [shard.chunk(2, dim=0) for shard in shards]
         return [(name, torch.cat([h[i] for h in halves])) for i, name in enumerate(unit.hf_names)]
     assert unit.split == "qkv", unit.split
     heads_per_group = arch.num_heads // arch.num_kv_heads
     d = arch.head_dim
-    qkv_GRH = torch.cat(shards).reshape(arch.num_kv_heads, (heads_per_group + 2) * d,
-                                        arch.hidden_size)
+    rest = shards[0].shape[1:]  # (H,) for the weight, () for the bias
+    qkv_GRH = torch.cat(shards).reshape(arch.num_kv_heads, (heads_per_group + 2) * d, *rest)
     q, k, v = qkv_GRH.split([heads_per_group * d, d, d], dim=1)
-    return [(name, t.reshape(-1, arch.hidden_size)) for name, t in zip(unit.hf_names, (q, k, v))]
+    return [(name, t.reshape(-1, *rest)) for name, t in zip(unit.hf_names, (q, k, v))]
+
+
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _mtp_layer(name: str, arch: MoEArchitecture) -> bool:
+    """Whether ``name`` belongs to a multi-token-prediction layer (DeepSeek-V3 and GLM-4.5 store
+    them as ``model.layers.{num_hidden_layers + j}``)."""
+    m = _HF_LAYER.match(name)
+    return bool(m) and arch.num_layers <= int(m.group(1)) < arch.num_layers + arch.num_mtp_layers
 
 
 def _check_checkpoint(ckpt: _Checkpoint, arch: MoEArchitecture) -> None:
@@ -278,6 +265,12 @@ def _check_checkpoint(ckpt: _Checkpoint, arch: MoEArchitecture) -> None:
     present = set(ckpt.files)
     if arch.tie_word_embeddings:
         present.discard("lm_head.weight")  # a redundant copy of the tied embedding
+    mtp = sorted(name for name in present if _mtp_layer(name, arch))
+    if mtp:
+        _log.info("skipping %d tensors of the multi-token-prediction layer(s) (layers %d..%d): "
+                  "MTP is not part of the policy", len(mtp), arch.num_layers,
+                  arch.num_layers + arch.num_mtp_layers - 1)
+        present -= set(mtp)
     missing = sorted(expected.keys() - present)
     unexpected = sorted(present - expected.keys())
     misshaped = [f"{name} {list(ckpt.shape(name))} (expected {list(expected[name])})"
@@ -305,7 +298,7 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, arch: MoEArchite
         _check_checkpoint(ckpt, arch)
         for key, param in local.items():
             unit = units[key]
-            shard, num_shards = _shard_coords(unit, layout)
+            shard, num_shards = _shard_coords(unit, layout, param)
             value = _read_shard(ckpt, unit, arch, shard, num_shards)
             if value.shape != param.shape:
                 raise ValueError(f"{key}: checkpoint shard {list(value.shape)} does not fit the "
@@ -329,15 +322,19 @@ def export_hf_weights(model: torch.nn.Module, arch: MoEArchitecture, layout: Par
         raise ValueError(f"source must be 'param' or 'main_grad', got {source!r}")
     local = _local_params(model, arch, layout)
     if source == "main_grad":
-        if any(getattr(p, "main_grad", None) is None for p in local.values()):
+        params = {k: p for k, p in local.items() if isinstance(p, torch.nn.Parameter)}
+        if any(getattr(p, "main_grad", None) is None for p in params.values()):
             raise ValueError("source='main_grad' needs the model wrapped in Megatron DDP")
-        local = {key: p.main_grad for key, p in local.items()}
+        # Buffers (the frozen expert bias) get no gradient: exported as zeros.
+        local = {key: params[key].main_grad if key in params else torch.zeros_like(p)
+                 for key, p in local.items()}
     etp_group = _expert_tp(layout)[1]
     experts_per_rank = arch.num_experts // layout.ep
     for unit in _units(arch):
         if unit.expert is None:
             mine = local[unit.key].detach()
-            shards = [mine] if unit.split == "none" else _all_gather(mine, layout.tp, groups.tp)
+            shards = ([mine] if _replicated(unit, mine)
+                      else _all_gather(mine, layout.tp, groups.tp))
         else:
             mine = _expert_from_owner(local, unit, experts_per_rank, layout, groups.ep)
             shards = _all_gather(mine, layout.etp, etp_group)
@@ -353,7 +350,7 @@ def _all_gather(tensor: torch.Tensor, size: int, group) -> list[torch.Tensor]:
     return shards
 
 
-def _expert_from_owner(local: dict[str, torch.Tensor], unit: _Unit, experts_per_rank: int,
+def _expert_from_owner(local: dict[str, torch.Tensor], unit: Unit, experts_per_rank: int,
                        layout: ParallelLayout, ep_group) -> torch.Tensor:
     """Expert ``unit.expert``'s (expert-TP shard of the) tensor, broadcast from its EP owner."""
     if layout.ep == 1:

@@ -182,7 +182,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     when every row is a full-vocabulary row."""
 
     @staticmethod
-    def forward(ctx, logits_NV, targets_N, keep, temperature, tp_group):
+    def forward(ctx, logits_NV, targets_N, keep, temperature, tp_group, valid):
         num_rows, shard = logits_NV.shape
         start = _tp_rank_size(tp_group)[0] * shard
         device = logits_NV.device
@@ -192,12 +192,14 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         z_FV = None
         if keep is None:
             z_FV = _scaled_fp32(logits_NV, temperature)
+            z_FV[:, valid:] = float("-inf")  # vocabulary padding: no probability mass
             shift_N = z_FV.amax(dim=1)
         elif keep.full_rows_F is not None:
             # index_select already made a fresh copy: scale that one in place.
             z_FV = logits_NV.index_select(0, keep.full_rows_F).float()
             if temperature != 1.0:
                 z_FV.div_(temperature)
+            z_FV[:, valid:] = float("-inf")
             shift_N.index_copy_(0, keep.full_rows_F, z_FV.amax(dim=1))
         if keep is not None:
             in_shard_M = (keep.ids_M >= start) & (keep.ids_M < start + shard)
@@ -238,6 +240,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         # the small log(sum), not a logsumexp of magnitude |z|.
         sum_N = sums_2N[0]
         ctx.temperature = temperature
+        ctx.valid = valid
         # What the backward needs of the mask: O(M) floats and indices, no id list.
         ctx.masked = keep is not None
         ctx.full_rows = keep is None or keep.full_rows_F is not None
@@ -265,6 +268,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
                 dense_shift_N = torch.full_like(shift_N, float("inf"))
                 dense_shift_N[full_rows_F] = shift_N[full_rows_F]
             grad_NV = _scaled_fp32(logits_NV, temperature)
+            grad_NV[:, ctx.valid:] = float("-inf")  # padding: exp gives 0, no gradient
             grad_NV.sub_(dense_shift_N.unsqueeze(1)).exp_().mul_((-scale_N / sum_N).unsqueeze(1))
         else:
             grad_NV = torch.zeros((num_rows, shard), dtype=torch.float32, device=logits_NV.device)
@@ -277,14 +281,31 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         rows_N = torch.arange(num_rows, device=logits_NV.device)
         flat_grad.index_add_(0, rows_N * shard + target_col_N,
                              scale_N.masked_fill(~target_in_shard_N, 0.0))
-        return grad_NV.to(logits_NV.dtype), None, None, None, None
+        return grad_NV.to(logits_NV.dtype), None, None, None, None, None
+
+
+def _real_columns(logits_NV: torch.Tensor, tp_group: ProcessGroup | None,
+                  vocab_size: int | None) -> tuple[int, int]:
+    """(true vocabulary size, number of real columns in this rank's shard). Megatron pads the
+    vocabulary at its end (``MoEArchitecture.padded_vocab_size``), so a shard's real columns are
+    a prefix of it, possibly empty."""
+    rank, tp_size = _tp_rank_size(tp_group)
+    shard = logits_NV.shape[1]
+    padded = shard * tp_size
+    if vocab_size is None:
+        return padded, shard
+    if not 0 < vocab_size <= padded:
+        raise ValueError(f"vocab_size={vocab_size} must lie in [1, {padded}] (the logits' padded "
+                         f"width {shard} x tp {tp_size})")
+    return vocab_size, max(0, min(shard, vocab_size - rank * shard))
 
 
 def vocab_parallel_logprobs(logits_NV: torch.Tensor, targets_N: torch.Tensor, *,
                             tp_group: ProcessGroup | None, temperature: float = 1.0,
                             kept_ids_M: torch.Tensor | None = None,
                             kept_offsets_N1: torch.Tensor | None = None,
-                            check_unique: bool = True) -> torch.Tensor:
+                            check_unique: bool = True,
+                            vocab_size: int | None = None) -> torch.Tensor:
     """Log-prob of each target under ``softmax(logits / temperature)``, restricted to the kept ids.
 
     Args:
@@ -296,13 +317,14 @@ def vocab_parallel_logprobs(logits_NV: torch.Tensor, targets_N: torch.Tensor, *,
         row of length 0 means the full vocabulary. Both None: no mask anywhere.
       check_unique: reject duplicate ids within a kept row exactly (sorts the M ids). Pass False
         only for masks already validated (the rollout decoder checks the same thing).
+      vocab_size: the true vocabulary when the logits carry Megatron's vocabulary padding
+        (columns at or past it get no probability mass and no gradient); None: no padding.
 
     Returns:
       float32 [N], differentiable w.r.t. ``logits_NV`` (analytic backward on the local shard).
     """
     _check_inputs(logits_NV, temperature)
-    _, tp_size = _tp_rank_size(tp_group)
-    vocab_size = logits_NV.shape[1] * tp_size
+    vocab_size, valid = _real_columns(logits_NV, tp_group, vocab_size)
     _check_targets(targets_N, logits_NV.shape[0], vocab_size)
     if (kept_ids_M is None) != (kept_offsets_N1 is None):
         raise ValueError("kept_ids_M and kept_offsets_N1 must be given together")
@@ -311,7 +333,7 @@ def vocab_parallel_logprobs(logits_NV: torch.Tensor, targets_N: torch.Tensor, *,
         keep = _validate_keep_mask(kept_ids_M, kept_offsets_N1, targets_N, vocab_size=vocab_size,
                                    check_unique=check_unique)
     return _VocabParallelLogprobs.apply(logits_NV, targets_N.to(torch.int64), keep, temperature,
-                                        tp_group)
+                                        tp_group, valid)
 
 
 # Rows per chunk for the entropy's second temporary: 4M fp32 elements (16 MiB) keeps it small next
@@ -330,9 +352,11 @@ class _VocabParallelEntropy(torch.autograd.Function):
     never needs a second ``[N, V]`` tensor."""
 
     @staticmethod
-    def forward(ctx, logits_NV, temperature, tp_group):
-        z_NV = _scaled_fp32(logits_NV, temperature)
-        shift_N = z_NV.amax(dim=1)
+    def forward(ctx, logits_NV, temperature, tp_group, valid):
+        # Only the real (unpadded) columns take part; a shard of padding only contributes zeros.
+        z_NV = _scaled_fp32(logits_NV[:, :valid], temperature)
+        shift_N = (z_NV.amax(dim=1) if valid else
+                   torch.full(z_NV.shape[:1], float("-inf"), device=z_NV.device))
         _all_reduce(shift_N, dist.ReduceOp.MAX, tp_group)
         z_NV.sub_(shift_N.unsqueeze(1))
         # sums_2N[0] = sum exp(z - shift), sums_2N[1] = sum exp(z - shift) * (z - shift); entropy
@@ -348,6 +372,7 @@ class _VocabParallelEntropy(torch.autograd.Function):
         _all_reduce(sums_2N, dist.ReduceOp.SUM, tp_group)
         entropy_N = sums_2N[0].log() - sums_2N[1] / sums_2N[0]
         ctx.temperature = temperature
+        ctx.valid = valid
         ctx.save_for_backward(logits_NV, shift_N, sums_2N[0], entropy_N)
         return entropy_N
 
@@ -356,7 +381,15 @@ class _VocabParallelEntropy(torch.autograd.Function):
         logits_NV, shift_N, sum_N, entropy_N = ctx.saved_tensors
         # dH/dz_j = -p_j (log p_j + H) with p_j = exp(z_j - shift) / sum and
         # log p_j = (z_j - shift) - log(sum) (see the log-prob forward for why shift stays apart).
-        grad_NV = _scaled_fp32(logits_NV, ctx.temperature).sub_(shift_N.unsqueeze(1))
+        valid = ctx.valid
+        if valid == logits_NV.shape[1]:
+            grad_full_NV = grad_NV = _scaled_fp32(logits_NV, ctx.temperature)
+        else:  # padded columns keep a zero gradient
+            grad_full_NV = torch.zeros(logits_NV.shape, dtype=torch.float32,
+                                       device=logits_NV.device)
+            grad_NV = grad_full_NV[:, :valid]
+            grad_NV.copy_(logits_NV[:, :valid]).div_(ctx.temperature)
+        grad_NV.sub_(shift_N.unsqueeze(1))
         offset_N1 = (entropy_N - sum_N.log()).unsqueeze(1)
         factor_N1 = (-(grad_N.float() / ctx.temperature) / sum_N).unsqueeze(1)
         row = 0
@@ -365,15 +398,18 @@ class _VocabParallelEntropy(torch.autograd.Function):
             exp_CV = z_CV.exp()
             z_CV.add_(offset_N1[rows]).mul_(exp_CV).mul_(factor_N1[rows])
             row += len(z_CV)
-        return grad_NV.to(logits_NV.dtype), None, None
+        return grad_full_NV.to(logits_NV.dtype), None, None, None
 
 
 def vocab_parallel_entropy(logits_NV: torch.Tensor, *, tp_group: ProcessGroup | None,
-                           temperature: float = 1.0) -> torch.Tensor:
+                           temperature: float = 1.0, vocab_size: int | None = None
+                           ) -> torch.Tensor:
     """Entropy of ``softmax(logits / temperature)`` over the full vocabulary, float32 [N].
 
     ``logits_NV`` is this TP rank's vocabulary shard (bf16 or fp32; computed in fp32);
-    differentiable (``dH/dz_j = -p_j (log p_j + H)``), e.g. for an entropy bonus.
+    differentiable (``dH/dz_j = -p_j (log p_j + H)``), e.g. for an entropy bonus. ``vocab_size``:
+    the true vocabulary when the logits carry Megatron's vocabulary padding (excluded).
     """
     _check_inputs(logits_NV, temperature)
-    return _VocabParallelEntropy.apply(logits_NV, temperature, tp_group)
+    _, valid = _real_columns(logits_NV, tp_group, vocab_size)
+    return _VocabParallelEntropy.apply(logits_NV, temperature, tp_group, valid)

@@ -1,11 +1,9 @@
 """Megatron-core GPT models with MoE layers, built from a Hugging Face config.
 
-A model family is a row of :data:`FAMILIES`: the HF config keys and on-disk tensor names that
-differ between families, nothing else. The first family is Qwen3-MoE (RMSNorm, per-head QK-norm,
-GQA, RoPE, SwiGLU experts, softmax top-k router with ``norm_topk_prob``, dense layers via
-``mlp_only_layers``/``decoder_sparse_step``); Mixtral is the second row (no QK-norm, every layer
-MoE, experts named ``w1/w3/w2``, always-renormalised top-k). A family with shared experts
-(DeepSeek-V2-style, Qwen2-MoE) adds its shared-expert keys to a row.
+What a model is comes from its family module (:mod:`moerl.families`): the Megatron-free
+:class:`MoEArchitecture` record, the family's own ``TransformerConfig`` settings and the router
+settings that follow from its :class:`~moerl.families.base.RouterRule`. This module adds what every
+family shares (dropout off, fp32 router, parallel layout, CPU/TE choice) and builds the model.
 
 Transformer Engine layer specs are used when TE and CUDA are present, Megatron's local specs
 otherwise (CPU). Routing replay is compiled into the actor (``moe_enable_routing_replay``); whether
@@ -14,107 +12,14 @@ it acts is decided per pass by ``moerl.trainer.routing_replay``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 
-from moerl.rollout.protocol import MoeLayout
+from moerl.families import MoEArchitecture, architecture_from_hf, family_of
+from moerl.families.base import router_settings
 from moerl.trainer.parallel import ParallelLayout
 
-
-@dataclass(frozen=True)
-class FamilySpec:
-    """What differs between MoE model families, as HF config keys and HF tensor-name pieces."""
-
-    model_types: tuple[str, ...]
-    num_experts_keys: tuple[str, ...]  # first present wins (transformers 5 writes num_local_experts)
-    expert_ffn_key: str
-    qk_norm: bool
-    # HF renormalises the top-k softmax weights iff this is true; None: read "norm_topk_prob".
-    always_norm_topk: bool | None
-    mlp: str  # module holding router and experts in HF names
-    expert_proj: tuple[str, str, str]  # (gate, up, down) per-expert names on disk
-    dense_proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-    attn_proj: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")
-
-
-FAMILIES: dict[str, FamilySpec] = {
-    "qwen3_moe": FamilySpec(
-        model_types=("qwen3_moe",), num_experts_keys=("num_experts", "num_local_experts"),
-        expert_ffn_key="moe_intermediate_size", qk_norm=True, always_norm_topk=None, mlp="mlp",
-        expert_proj=("gate_proj", "up_proj", "down_proj")),
-    "mixtral": FamilySpec(
-        model_types=("mixtral",), num_experts_keys=("num_local_experts",),
-        expert_ffn_key="intermediate_size", qk_norm=False, always_norm_topk=True,
-        mlp="block_sparse_moe", expert_proj=("w1", "w3", "w2")),
-}
-
-
-@dataclass(frozen=True)
-class MoEArchitecture:
-    """The facts about a model that the trainer, bridge, replay and planner all need."""
-
-    family: str
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    dense_ffn: int  # MLP width of dense layers
-    expert_ffn: int
-    num_experts: int
-    top_k: int
-    norm_topk_prob: bool
-    moe_layers: tuple[bool, ...]  # per hidden layer: True if MoE, False if dense
-    rope_theta: float
-    rms_norm_eps: float
-    tie_word_embeddings: bool
-    max_position_embeddings: int
-
-    @property
-    def spec(self) -> FamilySpec:
-        return FAMILIES[self.family]
-
-    @property
-    def moe_layer_ids(self) -> list[int]:
-        return [i for i, is_moe in enumerate(self.moe_layers) if is_moe]
-
-
-def architecture_from_hf(hf_config: Any) -> MoEArchitecture:
-    """Read an HF config (``transformers`` config object or its dict) into :class:`MoEArchitecture`."""
-    cfg = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
-    model_type = cfg.get("model_type")
-    family = next((name for name, spec in FAMILIES.items() if model_type in spec.model_types), None)
-    if family is None:
-        supported = sorted(t for spec in FAMILIES.values() for t in spec.model_types)
-        raise ValueError(f"model_type {model_type!r} is not supported; supported: {supported}")
-    spec = FAMILIES[family]
-    num_layers = cfg["num_hidden_layers"]
-    # Which layers are MoE is a per-family rule of the HF modelling code; the rollout protocol
-    # needs the same fact to validate routes, so both read it from one place.
-    moe_ids = set(MoeLayout.from_hf_config(cfg).moe_layers)
-    moe_layers = tuple(i in moe_ids for i in range(num_layers))
-    rope = cfg.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
-    norm_topk = spec.always_norm_topk
-    if norm_topk is None:
-        norm_topk = bool(cfg.get("norm_topk_prob", False))
-    heads = cfg["num_attention_heads"]
-    return MoEArchitecture(
-        family=family, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-        num_layers=num_layers, num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        dense_ffn=cfg["intermediate_size"], expert_ffn=cfg[spec.expert_ffn_key],
-        num_experts=next(cfg[k] for k in spec.num_experts_keys if cfg.get(k) is not None), top_k=cfg["num_experts_per_tok"],
-        norm_topk_prob=norm_topk, moe_layers=moe_layers,
-        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-        rms_norm_eps=cfg["rms_norm_eps"], tie_word_embeddings=bool(cfg.get("tie_word_embeddings")),
-        max_position_embeddings=cfg.get("max_position_embeddings", 4096))
+__all__ = ["MoEArchitecture", "architecture_from_hf", "build_gpt_model", "check_replay_config",
+           "transformer_config", "validate_architecture_layout"]
 
 
 def validate_architecture_layout(arch: MoEArchitecture, *, tp: int, ep: int, etp: int) -> None:
@@ -124,14 +29,17 @@ def validate_architecture_layout(arch: MoEArchitecture, *, tp: int, ep: int, etp
         problems.append(f"parallel.tp={tp} does not divide num_attention_heads={arch.num_heads}")
     if arch.num_kv_heads % tp:
         problems.append(f"parallel.tp={tp} does not divide num_key_value_heads={arch.num_kv_heads}")
-    if arch.vocab_size % tp:
-        problems.append(f"parallel.tp={tp} does not divide vocab_size={arch.vocab_size}")
     if arch.num_experts % ep:
         problems.append(f"parallel.ep={ep} does not divide num_experts={arch.num_experts}")
     if arch.expert_ffn % etp:
         problems.append(f"parallel.etp={etp} does not divide the expert FFN width {arch.expert_ffn}")
     if arch.dense_ffn % tp and not all(arch.moe_layers):
         problems.append(f"parallel.tp={tp} does not divide intermediate_size={arch.dense_ffn}")
+    if arch.mla and not use_transformer_engine():  # the local spec splits the down projections
+        down = {"q_lora_rank": arch.mla.q_lora_rank or 0,
+                "kv_lora_rank + qk_rope_head_dim": arch.mla.kv_lora_rank + arch.mla.qk_rope_head_dim}
+        problems += [f"parallel.tp={tp} does not divide {name}={size}"
+                     for name, size in down.items() if size % tp]
     if problems:
         raise ValueError("model/parallel layout mismatch: " + "; ".join(problems))
 
@@ -161,7 +69,7 @@ def transformer_config(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: b
     megatron keeps one process-global list of them, which must hold the actor's only).
     ``fp16`` (GPU only) holds the parameters in float16; the optimizer then scales the loss.
     """
-    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
     from moerl.trainer.cpu_compat import check_cpu_config
 
@@ -172,18 +80,15 @@ def transformer_config(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: b
     if recompute:
         extra.update(recompute_granularity="full", recompute_method="uniform",
                      recompute_num_layers=1)
-    return TransformerConfig(
+    settings = dict(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size,
         num_attention_heads=arch.num_heads, num_query_groups=arch.num_kv_heads,
         kv_channels=arch.head_dim, ffn_hidden_size=arch.dense_ffn,
         moe_ffn_hidden_size=arch.expert_ffn, num_moe_experts=arch.num_experts,
         moe_router_topk=arch.top_k, moe_layer_freq=[int(m) for m in arch.moe_layers],
-        # Top-k on logits then softmax over the k == softmax, top-k, renormalise (norm_topk_prob).
-        moe_router_pre_softmax=not arch.norm_topk_prob, moe_router_score_function="softmax",
-        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_router_dtype="fp32",
         moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=te,
         moe_enable_routing_replay=routing_replay, calculate_per_token_loss=True,
-        normalization="RMSNorm", layernorm_epsilon=arch.rms_norm_eps, qk_layernorm=arch.spec.qk_norm,
+        normalization="RMSNorm", layernorm_epsilon=arch.rms_norm_eps,
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
         add_qkv_bias=False, hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=layout.tp, expert_model_parallel_size=layout.ep,
@@ -193,6 +98,24 @@ def transformer_config(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: b
         pipeline_dtype=param_dtype(bf16=bf16, fp16=fp16),
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, **extra)
+    # The family's own settings (attention shape, QK-norm, shared experts, ...) override these.
+    settings.update(router_settings(arch.router))
+    settings.update(family_of(arch).megatron_settings(arch))
+    return (MLATransformerConfig if arch.mla else TransformerConfig)(**settings)
+
+
+def check_replay_config(config) -> None:
+    """Refuse Megatron router settings under which routing replay would silently do nothing
+    or train a moving selection (DESIGN.md "Sigmoid and grouped routers under replay")."""
+    if not config.moe_enable_routing_replay:
+        return
+    if getattr(config, "moe_router_fusion", False):
+        raise ValueError("moe_router_fusion=True bypasses RouterReplay (the fused TE top-k kernel "
+                         "never calls it): routing replay would replay nothing; turn it off")
+    if config.moe_router_enable_expert_bias and config.moe_router_bias_update_rate != 0:
+        raise ValueError(f"moe_router_bias_update_rate={config.moe_router_bias_update_rate}: the "
+                         "expert bias must stay frozen in RL (rate 0), or replayed and natural "
+                         "selections drift apart between rollout and training")
 
 
 def param_dtype(*, bf16: bool, fp16: bool) -> torch.dtype:
@@ -214,10 +137,15 @@ def build_gpt_model(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: bool
     config = transformer_config(arch, layout, bf16=bf16, recompute=recompute,
                                 token_dispatcher=token_dispatcher, routing_replay=routing_replay,
                                 fp16=fp16)
+    check_replay_config(config)
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine(),
                                       normalization="RMSNorm")
+    if arch.mla and not use_transformer_engine():
+        from moerl.trainer.mla_attention import use_local_mla_core_attention
+
+        use_local_mla_core_attention(spec)
     return GPTModel(
-        config=config, transformer_layer_spec=spec, vocab_size=arch.vocab_size,
+        config=config, transformer_layer_spec=spec, vocab_size=arch.padded_vocab_size(layout.tp),
         max_sequence_length=arch.max_position_embeddings, position_embedding_type="rope",
-        rotary_base=int(arch.rope_theta), rotary_percent=1.0,
+        rotary_base=int(arch.rope_theta), rotary_percent=arch.rotary_percent,
         share_embeddings_and_output_weights=arch.tie_word_embeddings, parallel_output=True)

@@ -96,7 +96,7 @@ def main() -> None:
             load_hf_weights(model, ckpt, arch, layout)
             res = {"rank": layout.rank, **round_trip(model, ckpt, arch, layout, groups)}
             with torch.no_grad():
-                logp = target_logprobs(model, ids, positions, tp)
+                logp = target_logprobs(model, ids, positions, tp, arch.vocab_size)
             if c == 0 and i == 0:
                 res.update(extras(args, model, arch, layout, groups))
             # Every rank reports its own view (every rank yields every tensor).

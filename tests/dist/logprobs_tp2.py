@@ -3,7 +3,9 @@
 Every rank builds the same random case (full-vocabulary, single-id and multi-id kept rows), keeps
 its vocabulary shard of the logits, and computes log-probs (several temperatures) and entropy with
 their gradients; rank 0 gathers the shard gradients and compares values and gradients with the
-same functions run on the whole vocabulary in one process (tp_group=None) within 1e-6. Then both
+same functions run on the whole vocabulary in one process (tp_group=None) within 1e-6. The same
+holds with Megatron's vocabulary padding (``vocab_size`` < the logits' width, padded columns holding
+huge logits), whose columns must get exactly zero gradient. Then both
 ranks must raise the same ValueError on a bad mask and still meet at a barrier (no hang).
 Prints "LOGPROBS TP2 OK rank <r>" on success.
 """
@@ -55,6 +57,41 @@ def gathered(t: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+def padded_checks(rank: int, tp_group, real_vocab: int, num_rows: int, width: int, weights):
+    """Megatron's vocabulary padding: logits ``[N, width]`` whose columns from ``real_vocab`` on are
+    padding with huge values; with ``vocab_size=real_vocab`` every result must equal the unpadded
+    single-process one and the padded columns must get exactly zero gradient."""
+    logits, targets, ids, offsets = make_case(99 + real_vocab, num_rows, real_vocab)
+    padded = torch.cat([logits, torch.full((num_rows, width - real_vocab), 50.0)], dim=1)
+    shard = width // 2
+    local = padded[:, rank * shard:(rank + 1) * shard]
+    checks = []
+    for masked in (True, False):
+        kw = dict(temperature=0.8, kept_ids_M=ids if masked else None,
+                  kept_offsets_N1=offsets if masked else None)
+        tp_out, tp_grad = run(lambda x: vocab_parallel_logprobs(  # noqa: B023
+            x, targets, tp_group=tp_group, vocab_size=real_vocab, **kw), local, weights)
+        ref_out, ref_grad = run(lambda x: vocab_parallel_logprobs(  # noqa: B023
+            x, targets, tp_group=None, **kw), logits, weights)
+        full_grad = gathered(tp_grad, tp_group)
+        checks.append((f"padded V={real_vocab} logprobs masked={masked}", tp_out, ref_out,
+                       full_grad[:, :real_vocab], ref_grad))
+        checks.append((f"padded V={real_vocab} logprobs masked={masked}: padding grad",
+                       full_grad[:, real_vocab:], torch.zeros(num_rows, width - real_vocab),
+                       full_grad[:, :1] * 0, ref_grad[:, :1] * 0))
+    tp_out, tp_grad = run(lambda x: vocab_parallel_entropy(
+        x, tp_group=tp_group, temperature=0.8, vocab_size=real_vocab), local, weights)
+    ref_out, ref_grad = run(lambda x: vocab_parallel_entropy(x, tp_group=None, temperature=0.8),
+                            logits, weights)
+    full_grad = gathered(tp_grad, tp_group)
+    checks.append((f"padded V={real_vocab} entropy", tp_out, ref_out, full_grad[:, :real_vocab],
+                   ref_grad))
+    checks.append((f"padded V={real_vocab} entropy: padding grad", full_grad[:, real_vocab:],
+                   torch.zeros(num_rows, width - real_vocab), full_grad[:, :1] * 0,
+                   ref_grad[:, :1] * 0))
+    return checks
+
+
 def main() -> int:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -89,6 +126,9 @@ def main() -> int:
         worst = max(worst, out_err, grad_err)
         if not (out_err <= 1e-6 and grad_err <= 1e-6):
             failures.append(f"{name}: value err {out_err:.3g}, grad err {grad_err:.3g}")
+
+    for real_vocab in (61, 29):  # padding inside rank 1's shard; rank 1's shard all padding
+        checks += padded_checks(rank, tp_group, real_vocab, num_rows, vocab, weights)
 
     bad_targets = targets.clone()
     bad_targets[1] = (bad_targets[1] + 1) % vocab  # row 1 keeps only the old target

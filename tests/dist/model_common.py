@@ -64,8 +64,9 @@ def fixed_batch(vocab_size: int):
     return ids, torch.arange(SEQ).expand(BATCH, SEQ)
 
 
-def target_logprobs(model, ids, positions, tp: int):
-    """log p(ids[:, t+1] | ids[:, :t+1]) [b, s-1] in fp32, vocab shards gathered across TP.
+def target_logprobs(model, ids, positions, tp: int, vocab_size: int):
+    """log p(ids[:, t+1] | ids[:, :t+1]) [b, s-1] in fp32, vocab shards gathered across TP and
+    Megatron's vocabulary padding (columns from ``vocab_size`` on) dropped.
 
     The gather is Megatron's autograd all-gather (backward keeps this rank's vocab slice), so the
     result can be backpropagated; a simple gather is enough for tests (the trainer's vocab-parallel
@@ -77,7 +78,7 @@ def target_logprobs(model, ids, positions, tp: int):
     logits = model(ids, positions, attention_mask=None)
     if tp > 1:
         logits = gather_from_tensor_model_parallel_region(logits)
-    logp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]
+    logp = torch.log_softmax(logits[..., :vocab_size].float(), dim=-1)[:, :-1]
     return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 

@@ -45,9 +45,9 @@ def fresh(arch, ckpt, layout, groups, *, clip: float, warmup_steps: int = 0):
                            clip_grad=clip, warmup_steps=warmup_steps)
 
 
-def backward(opt, batch, tp: int, scale: float = 1.0):
+def backward(opt, arch, batch, tp: int, scale: float = 1.0):
     opt.zero_grad()
-    logp = target_logprobs(opt.model, *batch, tp)
+    logp = target_logprobs(opt.model, *batch, tp, arch.vocab_size)
     (logp.sum() * scale).backward()
     return logp.detach()
 
@@ -88,12 +88,18 @@ def step_one(opt, arch, layout, groups, batch, tag, out):
     """The parity step: returns this rank's checks; rank 0 saves the HF-layout tensors."""
     before_local = {n: p.detach().clone() for n, p in opt.model.module.named_parameters()}
     before = export_dict(opt.model, arch, layout, groups)
-    logp = gather_dp(backward(opt, batch, layout.tp), layout, groups)
+    logp = gather_dp(backward(opt, arch, batch, layout.tp), layout, groups)
     res = opt.step()
     grads = export_dict(opt.model, arch, layout, groups, source="main_grad")
     after = export_dict(opt.model, arch, layout, groups)
+    # A vocabulary shard that is all Megatron padding (tiny vocabularies at TP > 1) gets no
+    # gradient and stays zero, by design.
+    rows = arch.padded_vocab_size(layout.tp) // layout.tp
+    padding_only = layout.tp_rank * rows >= arch.vocab_size
+    vocab_params = ("embedding.word_embeddings.weight", "output_layer.weight")
     unchanged = [n for n, p in opt.model.module.named_parameters()
-                 if torch.equal(p.detach(), before_local[n])]
+                 if torch.equal(p.detach(), before_local[n])
+                 and not (padding_only and n in vocab_params)]
     if layout.rank == 0:
         for name, obj in (("logp", logp), ("grads", grads), ("before", before), ("after", after)):
             torch.save(obj, out / f"{tag}_{name}.pt")
@@ -101,8 +107,8 @@ def step_one(opt, arch, layout, groups, batch, tag, out):
             "num_local_params": len(before_local), "unchanged": unchanged}
 
 
-def skip_check(opt, layout, batch):
-    backward(opt, batch, layout.tp)
+def skip_check(opt, arch, layout, batch):
+    backward(opt, arch, batch, layout.tp)
     if layout.rank == dist.get_world_size() - 1:
         # Only the last rank's gradient is bad: every rank must still skip.
         param = next(p for n, p in opt.model.module.named_parameters() if "experts" in n)
@@ -114,7 +120,7 @@ def skip_check(opt, layout, batch):
 
 
 def clip_check(opt, arch, layout, groups, batch, clip):
-    backward(opt, batch, layout.tp)
+    backward(opt, arch, batch, layout.tp)
     opt.clip_grad = clip
     res = opt.step()
     grads = export_dict(opt.model, arch, layout, groups, source="main_grad")
@@ -127,7 +133,7 @@ def warmup_check(arch, ckpt, layout, groups, batch):
     opt = fresh(arch, ckpt, layout, groups, clip=1e6, warmup_steps=4)
     lrs = []
     for i in range(4):
-        backward(opt, batch, layout.tp)
+        backward(opt, arch, batch, layout.tp)
         if i == 1:
             next(iter(opt.model.module.parameters())).main_grad.view(-1)[0] = float("nan")
         lrs.append(opt.step().lr)
@@ -139,12 +145,12 @@ def resume_check(opt, arch, ckpt, layout, groups, batch):
         shared = [tmp]
         dist.broadcast_object_list(shared, src=0)  # one folder for all ranks
         opt.save(shared[0])
-        backward(opt, batch, layout.tp, scale=0.5)
+        backward(opt, arch, batch, layout.tp, scale=0.5)
         opt.step()
         continued = local_state(opt)
         opt2 = fresh(arch, ckpt, layout, groups, clip=opt.clip_grad)
         opt2.load(shared[0])
-        backward(opt2, batch, layout.tp, scale=0.5)
+        backward(opt2, arch, batch, layout.tp, scale=0.5)
         opt2.step()
         resumed = local_state(opt2)
         dist.barrier()
@@ -161,14 +167,21 @@ def run_layout(args, spec):
     opt = fresh(arch, args.ckpt, layout, groups, clip=1e6)
     res = {"rank": layout.rank, "dp": layout.dp,
            "step1": step_one(opt, arch, layout, groups, batch, tag, Path(args.out))}
-    res["skip"] = skip_check(opt, layout, batch)
+    if args.step_only:
+        write_results(res, layout, Path(args.out) / f"{tag}_results.json")
+        return
+    res["skip"] = skip_check(opt, arch, layout, batch)
     res["clip"] = clip_check(opt, arch, layout, groups, batch, clip=1e-3)
     res["warmup"] = warmup_check(arch, args.ckpt, layout, groups, batch)
     res["resume"] = resume_check(opt, arch, args.ckpt, layout, groups, batch)
+    write_results(res, layout, Path(args.out) / f"{tag}_results.json")
+
+
+def write_results(res: dict, layout, path: Path) -> None:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, res)
     if layout.rank == 0:
-        write_json(Path(args.out) / f"{tag}_results.json", gathered)
+        write_json(path, gathered)
 
 
 def main() -> None:
@@ -176,6 +189,8 @@ def main() -> None:
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--layouts", nargs="+", required=True)
+    ap.add_argument("--step-only", action="store_true",
+                    help="only the parity step (log-probs, gradients, before/after weights)")
     args = ap.parse_args()
     for spec in args.layouts:
         run_layout(args, spec)

@@ -4,8 +4,11 @@ Run by ``tests/test_routing_replay.py``:
     torchrun --nproc_per_node 2 tests/dist/replay_checks.py --tp 2 --ep 2
     python tests/dist/replay_checks.py --tp 1 --ep 1
 For each router flavour (``norm_topk_prob`` True -> ``moe_router_pre_softmax=False``, and False ->
-``True``) it builds the tiny Qwen3-MoE architecture (random Megatron init) and checks, on a batch
-of samples of different lengths with right padding:
+``True``, on the tiny Qwen3-MoE; ``sigmoid_grouped``, a GLM-4.5-shaped model with a non-zero expert
+bias, grouped top-k, a scaling factor and a shared expert; random Megatron init) it checks, on a
+batch of samples of different lengths with right padding (for the sigmoid flavour the given routes
+ignore the group limit, so exactness also proves group selection is skipped under replay, and the
+hand gate weights are the unbiased sigmoid renormalised and scaled: the bias never enters):
   slicing      routes_to_megatron gathered over the SP ranks == the packed routes; dense layers
                dropped; padding rows distinct valid ids.
   exactness    the routing map the dispatcher receives names exactly the given experts for 100%
@@ -37,18 +40,61 @@ from moerl.trainer.parallel import destroy_parallel, init_parallel
 from moerl.trainer.routing_replay import (RoutingReplay, pack_routes_BTLK, routes_to_megatron,
                                           routing_agreement)
 
+FLAVOURS = ("norm_topk_True", "norm_topk_False", "sigmoid_grouped")
 LENGTHS = (12, 9, 5)  # tokens per sample; seq_len 12 is a multiple of tp
 SEQ_LEN = 12
 
 
-def tiny_arch(norm_topk_prob: bool):
+def tiny_arch(flavour: str):
+    """``norm_topk_True`` / ``norm_topk_False``: the tiny Qwen3-MoE with either softmax router
+    path; ``sigmoid_grouped``: a GLM-4.5-shaped model (sigmoid + expert bias, 4 groups top-2,
+    scaling factor 2.5, shared expert, dense layer 0)."""
+    if flavour == "sigmoid_grouped":
+        from transformers import Glm4MoeConfig
+
+        return architecture_from_hf(Glm4MoeConfig(
+            vocab_size=61, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=4, n_group=4,
+            topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+            norm_topk_prob=True, attention_bias=True, partial_rotary_factor=0.5))
     from transformers import Qwen3MoeConfig
 
-    fields = {**TINY_QWEN3_MOE, "norm_topk_prob": norm_topk_prob}
+    fields = {**TINY_QWEN3_MOE, "norm_topk_prob": flavour == "norm_topk_True"}
     rope_theta = fields.pop("rope_theta")
     cfg = Qwen3MoeConfig(**fields, rope_parameters={"rope_type": "default",
                                                     "rope_theta": rope_theta})
     return architecture_from_hf(cfg)
+
+
+def hand_gate_weights(arch, logits_NE, given_NK):
+    """Gate weights at the given experts, computed by hand from the router logits: softmax
+    (gathered, or over the K when renormalised), or the unbiased sigmoid renormalised over the K
+    and scaled; the expert bias never enters."""
+    rule = arch.router
+    if rule.score == "sigmoid":
+        w_NK = torch.sigmoid(logits_NE).gather(1, given_NK)
+        return w_NK / (w_NK.sum(-1, keepdim=True) + 1e-20) * rule.scaling_factor
+    if rule.norm_topk_prob:
+        return torch.softmax(logits_NE.gather(1, given_NK), -1)
+    return torch.softmax(logits_NE, -1).gather(1, given_NK)
+
+
+def hand_natural_topk(arch, logits_NE, bias_E):
+    """The HF router's selection (transformers' DeepSeek-V3/GLM-4.5 code, re-derived): biased
+    sigmoid scores, groups ranked by the sum of their top-2, top-k within the best groups."""
+    rule = arch.router
+    if rule.score == "softmax":
+        return logits_NE.topk(arch.top_k, dim=-1).indices
+    choice_NE = torch.sigmoid(logits_NE) + bias_E
+    if rule.num_groups:
+        n = choice_NE.shape[0]
+        group_NG = choice_NE.view(n, rule.num_groups, -1).topk(2, dim=-1).values.sum(-1)
+        keep_NG = torch.zeros_like(group_NG).scatter_(
+            1, group_NG.topk(rule.group_topk, dim=-1).indices, 1.0).bool()
+        keep_NE = keep_NG.repeat_interleave(arch.num_experts // rule.num_groups, dim=1)
+        choice_NE = choice_NE.masked_fill(~keep_NE, float("-inf"))
+    return choice_NE.topk(arch.top_k, dim=-1).indices
 
 
 def make_batch(arch, seed: int):
@@ -102,7 +148,7 @@ def sets_equal_fraction(map_NE, given_NK):
     return (chosen_NK == given_NK.sort(-1).values).all(-1).float().mean().item()
 
 
-def check_forward_calls(calls, mr, router_mods, *, pre_softmax: bool):
+def check_forward_calls(calls, mr, router_mods, *, arch):
     """Every router call used the given experts, with gate weights from its own scores.
 
     Returns the fractions of exact rows per call and each layer's natural top-k [N, K] computed
@@ -113,13 +159,11 @@ def check_forward_calls(calls, mr, router_mods, *, pre_softmax: bool):
         given_NK = mr.per_layer[i]
         fractions.append(sets_equal_fraction(map_NE, given_NK))
         logits_NE = x.reshape(-1, x.shape[-1]).float() @ router_mods[i].weight.detach().float().T
-        if pre_softmax:
-            want_NK = torch.softmax(logits_NE, -1).gather(1, given_NK)
-        else:
-            want_NK = torch.softmax(logits_NE.gather(1, given_NK), -1)
+        want_NK = hand_gate_weights(arch, logits_NE, given_NK)
         torch.testing.assert_close(probs_NE.gather(1, given_NK), want_NK, rtol=1e-5, atol=1e-6)
         assert bool((probs_NE[~map_NE] == 0).all())
-        natural[i] = logits_NE.topk(given_NK.shape[1], dim=-1).indices
+        bias = router_mods[i].expert_bias if arch.router.expert_bias else None
+        natural[i] = hand_natural_topk(arch, logits_NE, bias)
     return fractions, [natural[i] for i in sorted(natural)]
 
 
@@ -173,11 +217,20 @@ def train_step(model, rr, mr, ids_BT, pos_BT, weight_BTV):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def run_flavour(layout, groups, *, norm_topk_prob: bool) -> dict:
-    arch = tiny_arch(norm_topk_prob)
-    pre_softmax = not norm_topk_prob
+def set_expert_bias(model, seed: int) -> None:
+    """A non-zero selection bias (Megatron initialises it to 0), the same on every rank."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for r in routers(model):
+            if getattr(r, "expert_bias", None) is not None:
+                r.expert_bias.copy_(torch.randn(r.expert_bias.shape, generator=gen) * 0.05)
+
+
+def run_flavour(layout, groups, *, flavour: str) -> dict:
+    arch = tiny_arch(flavour)
     RouterReplay.clear_global_router_replay_instances()
     model = build_gpt_model(arch, layout)
+    set_expert_bias(model, seed=5)
     rr = RoutingReplay(arch, layout, tp_group=groups.tp)
     ids_BT, wire = make_batch(arch, seed=1)
     batch = ids_BT.shape[0]
@@ -201,7 +254,7 @@ def run_flavour(layout, groups, *, norm_topk_prob: bool) -> dict:
     tap = RouterTap(model)
     with torch.no_grad(), rr.replay(mr, capture_natural=True) as rp:
         model(ids_BT, pos_BT, attention_mask=None)
-    fr, natural_NK = check_forward_calls(tap.calls, mr, routers(model), pre_softmax=pre_softmax)
+    fr, natural_NK = check_forward_calls(tap.calls, mr, routers(model), arch=arch)
     assert len(tap.calls) == len(arch.moe_layer_ids) and min(fr) == 1.0, fr
     out["exact_fraction"] = min(fr)
     assert_natural(rr)
@@ -236,7 +289,7 @@ def run_flavour(layout, groups, *, norm_topk_prob: bool) -> dict:
     tap.calls.clear()
     with torch.no_grad(), rr.replay(mr, capture_natural=True) as rp2:
         model(ids_BT, pos_BT, attention_mask=None)
-    fr, natural_NK = check_forward_calls(tap.calls, mr, routers(model), pre_softmax=pre_softmax)
+    fr, natural_NK = check_forward_calls(tap.calls, mr, routers(model), arch=arch)
     assert min(fr) == 1.0, fr
     check_natural(rp2.natural_routes_BTLK, natural_NK, layout, groups, batch)
     assert torch.equal(rp2.natural_routes_BTLK[:, :, 0], rec2.routes_BTLK[:, :, 0])
@@ -244,7 +297,7 @@ def run_flavour(layout, groups, *, norm_topk_prob: bool) -> dict:
     out["perturbed_exact_fraction"] = min(fr)
 
     # gradients reach the routers under replay
-    weight_BTV = torch.randn(batch, SEQ_LEN, arch.vocab_size // layout.tp,
+    weight_BTV = torch.randn(batch, SEQ_LEN, arch.padded_vocab_size(layout.tp) // layout.tp,
                              generator=torch.Generator().manual_seed(11 + layout.tp_rank))
     tap.calls.clear()
     grads = train_step(model, rr, mr, ids_BT, pos_BT, weight_BTV)
@@ -259,6 +312,7 @@ def run_flavour(layout, groups, *, norm_topk_prob: bool) -> dict:
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     RouterReplay.clear_global_router_replay_instances()
     model_rc = build_gpt_model(arch, layout, recompute=True)
+    set_expert_bias(model_rc, seed=5)
     with torch.no_grad():
         for n, p in model_rc.named_parameters():
             p.copy_(state[n])
@@ -267,7 +321,7 @@ def run_flavour(layout, groups, *, norm_topk_prob: bool) -> dict:
     grads_rc = train_step(model_rc, rr_rc, mr, ids_BT, pos_BT, weight_BTV)
     # one checkpointed forward and one backward recompute per layer, both on the given experts
     assert len(tap.calls) == 2 * len(arch.moe_layer_ids), len(tap.calls)
-    fr, natural_NK = check_forward_calls(tap.calls, mr, routers(model_rc), pre_softmax=pre_softmax)
+    fr, natural_NK = check_forward_calls(tap.calls, mr, routers(model_rc), arch=arch)
     assert min(fr) == 1.0, fr
     assert grads_rc.keys() == grads.keys()
     max_diff = max((grads_rc[n] - grads[n]).abs().max().item() for n in grads)
@@ -330,8 +384,8 @@ def main() -> None:
     args = parser.parse_args()
     layout, groups = init_parallel(tp=args.tp, ep=args.ep, etp=1, seed=0)
     try:
-        result = {f"norm_topk_{flag}": run_flavour(layout, groups, norm_topk_prob=flag)
-                  for flag in (True, False)}
+        result = {flavour: run_flavour(layout, groups, flavour=flavour)
+                  for flavour in FLAVOURS}
         print("REPLAY_CHECKS_OK " + json.dumps({"rank": layout.rank, **result}), flush=True)
     finally:
         destroy_parallel()
