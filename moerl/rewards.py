@@ -25,8 +25,8 @@
   with exponential backoff (``task.reward_retries`` attempts); other statuses are errors.
 
 Every call is bounded by ``task.reward_timeout_s`` and at most ``task.reward_concurrency`` run at
-once (synchronous functions in worker threads; a thread that times out is abandoned, since Python
-cannot stop it). A call that raises, times out or returns no finite score is an error for its
+once (synchronous functions in daemon threads; one that times out is abandoned, since Python
+cannot stop a thread, and does not hold up the trainer's exit). A call that raises, times out or returns no finite score is an error for its
 sample, never a silent zero: ``task.reward_on_error=fail`` raises :class:`RewardError` naming the
 sample and the source; ``zero`` scores that source 0 for the sample, logs a warning naming it and
 counts it in the ``reward/errors`` metric.
@@ -35,13 +35,13 @@ counts it in the ``reward/errors`` metric.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import importlib
 import inspect
 import json
 import logging
 import math
 import random
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -81,8 +81,8 @@ class RewardSource(Protocol):
     batched: bool
 
     async def __call__(self, items: list[RewardItem], run: Callable) -> Any:
-        """The raw result for ``items`` (one item unless batched); ``run(fn, *args)`` runs a
-        synchronous callable in the scorer's worker threads."""
+        """The raw result for ``items`` (one item unless batched); ``await run(fn, *args)``
+        runs a synchronous callable in a daemon thread."""
         ...
 
 
@@ -240,8 +240,6 @@ class Scorer:
         assert on_error in ("fail", "zero")
         self.sources, self.on_error = sources, on_error
         self.timeout_s, self.concurrency = timeout_s, concurrency
-        self._pool = concurrent.futures.ThreadPoolExecutor(concurrency,
-                                                           thread_name_prefix="moerl-reward")
 
     def score(self, items: list[RewardItem]) -> Scores:
         from moerl.rollout.client import run_sync
@@ -250,17 +248,12 @@ class Scorer:
 
     async def score_async(self, items: list[RewardItem]) -> Scores:
         semaphore = asyncio.Semaphore(self.concurrency)
-        loop = asyncio.get_running_loop()
-
-        async def run(fn, *args):
-            return await loop.run_in_executor(self._pool, fn, *args)
-
         totals = [0.0] * len(items)
         extras: dict[str, list[float]] = defaultdict(list)
         metrics: dict[str, float] = {"reward/errors": 0.0}
         for source in self.sources:
             chunks = [items] if source.batched else [[item] for item in items]
-            results = await asyncio.gather(*[self._call(source, chunk, run, semaphore)
+            results = await asyncio.gather(*[self._call(source, chunk, semaphore)
                                              for chunk in chunks])
             values = [v for chunk_values in results for v in chunk_values]
             source_scores = []
@@ -275,13 +268,13 @@ class Scorer:
         metrics.update({f"reward/extra/{k}": sum(v) / len(v) for k, v in extras.items()})
         return Scores(totals, metrics)
 
-    async def _call(self, source: RewardSource, chunk: list[RewardItem], run,
+    async def _call(self, source: RewardSource, chunk: list[RewardItem],
                     semaphore: asyncio.Semaphore) -> list:
         """The source's answers for ``chunk``, an exception in place of each failed one."""
         deadline = getattr(source, "deadline_s", self.timeout_s)
         try:
             async with semaphore:
-                raw = await asyncio.wait_for(source(chunk, run), deadline)
+                raw = await asyncio.wait_for(source(chunk, in_daemon_thread), deadline)
         except asyncio.TimeoutError:
             return [TimeoutError(f"no answer within {deadline:g}s (task.reward_timeout_s="
                                  f"{self.timeout_s:g})")] * len(chunk)
@@ -312,8 +305,30 @@ class Scorer:
             metrics["reward/errors"] += 1
             return 0.0, {}
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def in_daemon_thread(fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` in a fresh daemon thread: a reward that hangs past its timeout is abandoned
+    and cannot keep the trainer from exiting (a thread pool's workers would be joined at exit)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(value: Any, error: BaseException | None) -> None:
+        if not future.done():  # the caller may have timed out and gone
+            future.set_exception(error) if error is not None else future.set_result(value)
+
+    def work() -> None:
+        try:
+            outcome: tuple = (fn(*args), None)
+        except BaseException as err:  # handed to the awaiting coroutine
+            outcome = (None, err)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:
+            pass  # the event loop is closed: nobody waits for this answer any more
+
+    threading.Thread(target=work, name="moerl-reward", daemon=True).start()
+    return await future
 
 
 # ============================================================================ the RL loop's use

@@ -566,8 +566,6 @@ def main(argv: list[str] | None = None) -> int:
             run.telemetry.close()
             if run.rollout is not None:
                 run.rollout.close()
-            if run.scorer is not None:
-                run.scorer.close()
         destroy_parallel()
     return 0
 

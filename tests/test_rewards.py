@@ -122,7 +122,7 @@ def test_builtin_and_math_verify():
     right = task.tokenizer.encode(prompt.answer) + [2]
     item = RewardItem(prompt=prompt, response=prompt.answer, response_ids=right, label="s")
     assert scorer("builtin").score([item]).scores == [1.0]
-    mv = scorer("math_verify")
+    mv = scorer("math_verify", timeout_s=120.0)  # its first call builds its parsers
     p = Prompt(ids=(1,), text="q", answer="x(x+2)")
     graded = mv.score([RewardItem(prompt=p, response=r, response_ids=[], label=f"s{i}")
                        for i, r in enumerate(["so $x^2+2x$", "\\boxed{x^2+2x}", "x^2"])])
@@ -194,3 +194,27 @@ def test_remote_reward_timeouts_and_exhausted_retries():
             scorer(down.url, retries=2).score(items(["5"]))
     finally:
         down.close()
+
+
+def test_a_hung_reward_does_not_keep_the_process_alive(tmp_path):
+    """A synchronous reward stuck far past its timeout is scored 0 and abandoned: the process
+    still exits (a hang here fails the test through the subprocess timeout)."""
+    import subprocess
+
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(tmp_path)!r})
+        from moerl.rewards import RewardItem, Scorer, build_sources
+        from moerl.tasks.arithmetic import ArithmeticTask
+        from moerl.tasks.base import Prompt
+        sources = build_sources("stuck:reward", task=ArithmeticTask(), batched=False, retries=1,
+                                timeout_s=0.5)
+        item = RewardItem(prompt=Prompt(ids=(1,), text="q", answer="1"), response="1",
+                          response_ids=[5], label="sample 0")
+        print(Scorer(sources, on_error="zero", timeout_s=0.5, concurrency=1).score([item]))
+    """)
+    (tmp_path / "stuck.py").write_text("import time\ndef reward(*a, **k):\n    time.sleep(3600)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "scores=[0.0]" in proc.stdout and "'reward/errors': 1.0" in proc.stdout

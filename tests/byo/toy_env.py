@@ -26,8 +26,8 @@ def length_reward(prompt, response, *, response_ids, answer, metadata):
 
 def flaky_reward(prompt, response, *, response_ids, answer, metadata):
     """Raises on some samples, as user code does."""
-    if len(response_ids) % 2:
-        raise ValueError("cannot score an odd-length response")
+    if response_ids[0] % 2:
+        raise ValueError("cannot score a response that starts with an odd token id")
     return 1.0
 
 
