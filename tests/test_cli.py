@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from moerl.cli import main
+from moerl.cli import REPO, main
 from moerl.plot import choose, plot_run, read_series
 
 
@@ -53,3 +53,14 @@ def test_plot_and_export_errors(tmp_path, capsys):
     (tmp_path / "checkpoints" / "step_000004" / "meta.json").write_text("{}")
     assert main(["export", str(tmp_path), "--step", "2", "--out", str(tmp_path / "x")]) == 2
     assert "has no checkpoint of step 2; saved steps: [4]" in capsys.readouterr().err
+
+
+def test_plan_through_the_moerl_command():
+    """`moerl plan` runs tools/plan.py with its arguments (the README's example)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "moerl.cli", "plan", "configs/grpo.yaml",
+         "configs/models/qwen3_30b_a3b_2x8.yaml", "--hf-config",
+         "configs/models/qwen3_30b_a3b.hf_config.json", "--world", "16"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "model: 30.53B parameters, 3.35B active per token" in proc.stdout
