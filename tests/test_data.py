@@ -143,3 +143,14 @@ def test_too_small_for_the_eval_hold_out(tmp_path):
     with pytest.raises(ValueError, match="not enough to hold out task.eval_size=64"):
         DatasetTask(path=str(path), tokenizer=HFTokenizer(str(tmp_path / "tok")),
                     prompt_field="question")
+
+
+def test_dataset_keys_on_another_task_are_reported(caplog):
+    from moerl.config import load_config
+    from moerl.tasks import build_task
+
+    cfg = load_config(overrides=["task.system_prompt=be brief", "task.prompt_field=q"])
+    with caplog.at_level(logging.WARNING, logger="moerl.tasks"):
+        build_task(cfg.task, model_dir="", max_prompt_tokens=100)
+    assert ("task.prompt_field, task.system_prompt only apply to task.name=dataset; "
+            "task.name=arithmetic ignores them") in caplog.text

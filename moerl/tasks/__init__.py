@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import TYPE_CHECKING
 
 from moerl.tasks.arithmetic import ArithmeticTask
@@ -12,10 +14,20 @@ if TYPE_CHECKING:
 
 __all__ = ["ArithmeticTask", "Prompt", "Task", "Tokenizer", "build_task"]
 
+log = logging.getLogger("moerl.tasks")
+# Keys only task.name=dataset reads.
+_DATASET_KEYS = ("split", "eval_split", "prompt_field", "answer_field", "system_prompt",
+                 "max_prompt_tokens")
+
 
 def build_task(t: TaskConfig, *, model_dir: str, max_prompt_tokens: int) -> Task:
     """The task named by ``task.name`` (model_dir provides the HF tokenizer of data tasks;
     ``max_prompt_tokens`` is the limit used when ``task.max_prompt_tokens`` is 0)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(t)}
+    ignored = [k for k in _DATASET_KEYS if getattr(t, k) != defaults[k]]
+    if t.name != "dataset" and ignored:
+        log.warning("task.%s only apply to task.name=dataset; task.name=%s ignores them",
+                    ", task.".join(ignored), t.name)
     if t.name == "arithmetic":
         return ArithmeticTask(max_operand=t.max_operand, num_terms=t.num_terms,
                               eval_size=t.eval_size, seed=t.seed)
