@@ -52,6 +52,9 @@ class Sample:
     mask_offsets_R1: torch.Tensor | None = None
     reward: float | None = None
     extra: dict = field(default_factory=dict)  # task metadata (e.g. the reference answer)
+    # bool [R]: which response tokens the policy sampled (a custom multi-turn rollout's
+    # environment tokens are False: in the sequence, out of the loss). None: all of them.
+    loss_mask_R: torch.Tensor | None = None
 
     @property
     def num_response_tokens(self) -> int:
@@ -202,7 +205,7 @@ def pack_samples(samples: list[Sample], *, pad_id: int, pad_multiple: int = 1,
         p, r = len(s.prompt_ids), len(s.response_ids)
         tokens[b, : p + r] = seq
         targets[b, : p + r - 1] = seq[1:]
-        mask[b, p - 1 : p + r - 1] = True
+        mask[b, p - 1 : p + r - 1] = True if s.loss_mask_R is None else s.loss_mask_R.bool()
         rollout_lp[b, p - 1 : p + r - 1] = s.rollout_logprobs_R.float()
     batch = RolloutBatch(
         tokens_BT=tokens, targets_BT=targets, response_mask_BT=mask,

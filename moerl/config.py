@@ -111,6 +111,10 @@ class RolloutConfig:
     attempt: 0 = one attempt, no retry."""
     seed: int = 1234
     """Sampling seed; request seeds are derived from it, the step and the sample index."""
+    generate: str = ""
+    """Custom rollout: package.module:function, an async function (prompt, session) that drives
+    the policy through a RolloutSession (multi-turn dialogue, tools, environment feedback); see
+    moerl.custom_rollout. Empty: single-turn generation."""
 
 
 @dataclass(frozen=True)
@@ -236,14 +240,53 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    name: Literal["arithmetic", "jsonl_math", "preference_jsonl"] = "arithmetic"
+    name: Literal["arithmetic", "jsonl_math", "dataset", "preference_jsonl"] = "arithmetic"
     """arithmetic: synthetic sums with an exact verifier and its own tokenizer (CPU default);
     jsonl_math: {"prompt", "answer"} lines with a math answer verifier and the model's HF
-    tokenizer; preference_jsonl: {"prompt", "chosen", "rejected"} pairs for DPO."""
+    tokenizer; dataset: your own prompts (JSONL, Parquet or a datasets save_to_disk directory,
+    fields mapped by prompt_field/answer_field) with the model's HF tokenizer and chat template,
+    scored by task.reward; preference_jsonl: {"prompt", "chosen", "rejected"} pairs for DPO."""
     path: str = ""
-    """Data file for jsonl_math / preference_jsonl."""
+    """Data for jsonl_math / preference_jsonl (a JSONL file) and dataset (a .jsonl/.json-lines,
+    .parquet file, or a local Hugging Face datasets directory written by save_to_disk)."""
     eval_path: str = ""
-    """Evaluation file for jsonl_math (default: the last eval_size lines of path)."""
+    """Evaluation data, same formats as path (default: the last eval_size records of path)."""
+    split: str = "train"
+    """dataset: split to train on when path is a saved DatasetDict (ignored for one split)."""
+    eval_split: str = "test"
+    """dataset: split to evaluate on when eval_path is a saved DatasetDict."""
+    prompt_field: str = "prompt"
+    """dataset: record field holding the prompt: a string (one user message) or a list of
+    {"role", "content"} messages (e.g. messages)."""
+    answer_field: str = "answer"
+    """dataset: record field holding the reference answer (e.g. label); every other field is
+    metadata, passed through to the reward."""
+    system_prompt: str = ""
+    """dataset: a system message put before every prompt (unless the record has its own)."""
+    max_prompt_tokens: int = 0
+    """dataset: prompts longer than this many tokens are dropped, with a logged count (0: the
+    model's context length minus rollout.max_new_tokens)."""
+    reward: str = "builtin"
+    """How samples are scored; a comma-separated list is summed. builtin: the task's own verifier
+    (the exact math checker for dataset/jsonl_math); math_verify: the math-verify package;
+    package.module:function: your function (see moerl.rewards); http(s)://host:port/path: a
+    remote reward server (POST one sample as JSON, answers a number or {"score": ...})."""
+    reward_batched: bool = False
+    """An imported reward function takes lists (one entry per sample) and returns a list."""
+    reward_on_error: Literal["fail", "zero"] = "fail"
+    """A reward that raises or times out: fail the step naming the sample, or score it 0 and
+    count it in reward/errors (a warning names the sample either way)."""
+    reward_timeout_s: float = 60.0
+    """Seconds one reward call (one sample, or one batch when batched) may take."""
+    reward_retries: int = 3
+    """Remote reward server: attempts per sample on connection errors, timeouts and 5xx."""
+    reward_concurrency: int = 16
+    """Reward calls in flight at once (remote requests, async and threaded functions)."""
+    eval_k: int = 0
+    """Samples per evaluation prompt for eval/pass@k and eval/mean@k at the rollout temperature
+    (0: greedy accuracy only)."""
+    pass_threshold: float = 1.0
+    """A sample counts as solved for pass@k when its score is at least this."""
     max_operand: int = 9
     """arithmetic: operands are drawn from 0..max_operand."""
     num_terms: int = 2
@@ -276,6 +319,15 @@ class LoggingConfig:
     """Progress bar and per-step summary on the console (rank 0)."""
     log_level: Literal["debug", "info", "warning"] = "info"
     """Console log level."""
+    wandb: bool = False
+    """Also log metrics to Weights & Biases (needs the wandb package), with the run config."""
+    wandb_project: str = "moerl"
+    """Weights & Biases project name."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """offline: write the W&B run under out_dir/wandb without network (wandb sync uploads it)."""
+    sample_dumps: bool = False
+    """Write every step's samples (prompt, response, reward, advantage, per-sample mismatch) to
+    out_dir/samples/step_NNNNNN.jsonl."""
 
 
 @dataclass(frozen=True)
@@ -509,7 +561,8 @@ def validate(config: Config) -> None:
     if t.mode == "dpo" and config.task.name != "preference_jsonl":
         problems.append("training.mode=dpo trains on preference pairs: set "
                         "task.name=preference_jsonl and task.path")
-    if config.task.name in ("jsonl_math", "preference_jsonl") and not config.task.path:
+    problems += _task_problems(config.task)
+    if config.task.name in ("jsonl_math", "dataset", "preference_jsonl") and not config.task.path:
         problems.append(f"task.name={config.task.name} needs task.path")
     for name in ("tp", "ep", "etp"):
         if getattr(config.parallel, name) < 1:
@@ -604,6 +657,16 @@ def _url_problems(key: str, url: str) -> list[str]:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return [f"{key}={url!r} must look like http://host:port"]
     return []
+
+
+def _task_problems(t: TaskConfig) -> list[str]:
+    problems = []
+    if t.reward_timeout_s <= 0 or t.reward_retries < 1 or t.reward_concurrency < 1:
+        problems.append("task.reward_timeout_s must be > 0, reward_retries and "
+                        "reward_concurrency >= 1")
+    if t.eval_k < 0 or t.max_prompt_tokens < 0:
+        problems.append("task.eval_k and task.max_prompt_tokens must be >= 0")
+    return problems
 
 
 # --------------------------------------------------------------------------- docs and I/O

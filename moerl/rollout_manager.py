@@ -150,6 +150,11 @@ class RolloutManager:
                 self.seed, step), return_routes=self.return_routes and not greedy,
             return_sampling_mask=self.return_mask and not greedy,
             group_index_offset=group_offset)
+        return self.run(coro)
+
+    def run(self, coro) -> list[Sample]:
+        """The samples of ``coro`` (a generation over ``self.client``, e.g. a custom rollout),
+        under the dead-server watchdog and the weight-version check."""
         samples = run_sync(self._with_watchdog(coro))
         stale = {s.weight_version for s in samples} - {self.version}
         if stale:

@@ -25,16 +25,21 @@ _HEADLINE = ("score/mean", "eval/accuracy", "mismatch/k3", "routing/route_agreem
 
 class Telemetry:
     def __init__(self, out_dir: str | Path, *, total_steps: int, start_step: int,
-                 tensorboard: bool, progress: bool, enabled: bool):
+                 tensorboard: bool, progress: bool, enabled: bool, wandb: dict | None = None):
+        """``wandb``: ``{"project", "mode", "config", "name"}`` to log to Weights & Biases too
+        (its files under out_dir/wandb; offline mode needs no network), None for no W&B."""
         # A finished run's records are final: a rerun has nothing to add and must not truncate.
         self.enabled = enabled and start_step < total_steps
         self.path = Path(out_dir) / "metrics.jsonl"
         self._tb = None
         self._progress = None
+        self._wandb = None
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate(start_step)
+        if wandb is not None:
+            self._wandb = _start_wandb(Path(out_dir), **wandb)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -67,6 +72,9 @@ class Telemetry:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step"
+                             and isinstance(v, (int, float))}, step=step)
         summary = "  ".join(f"{k.split('/')[-1] if k != 'score/mean' else 'score'}="
                             f"{_short(record[k])}" for k in _HEADLINE if k in record)
         if self._progress is not None and self._progress.console.is_terminal:
@@ -77,8 +85,20 @@ class Telemetry:
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         if self._tb is not None:
             self._tb.close()
+
+
+def _start_wandb(out_dir: Path, *, project: str, mode: str, config: dict, name: str):
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("logging.wandb=true needs the wandb package: pip install wandb") from None
+    return wandb.init(project=project, mode=mode, dir=str(out_dir), config=config, name=name,
+                      settings=wandb.Settings(console="off", x_disable_stats=True))
 
 
 def _plain(value):

@@ -42,15 +42,19 @@ from moerl.batch import RolloutBatch, Sample, broadcast_json, pack_samples
 from moerl.batch_transport import send_batch
 from moerl.checkpoint import CheckpointManager
 from moerl.config import Config, ConfigError, add_cli_arguments, config_from_args
-from moerl.config import describe_options, dump_yaml
+from moerl.config import describe_options, dump_yaml, to_dict
 from moerl.data_parallel import DataParallel
+from moerl.evaluation import dump_samples, eval_metrics
 from moerl.objective import Objective, compute_advantages, compute_rollout_weights, loss_mask
 from moerl.objective import policy_loss
+from moerl.rewards import RewardError, merge_metrics, score_samples
 from moerl.run_guard import OutDirLock, exit_with_launcher
 from moerl.tasks import Task, build_task
 from moerl.telemetry import StageTimer, Telemetry
 
 if TYPE_CHECKING:  # the trainer imports megatron, which takes seconds: only where it is used
+    from moerl.custom_rollout import CustomRollout
+    from moerl.rewards import Scorer
     from moerl.rollout_manager import RolloutManager
     from moerl.tasks.pretrain import PretrainData
     from moerl.trainer.actor import Actor, PassSettings
@@ -85,6 +89,8 @@ class Run:
     checkpoints: CheckpointManager
     telemetry: Telemetry
     lock: OutDirLock | None = None  # held by rank 0 for the whole run
+    scorer: Scorer | None = None  # task.reward's sources (RL mode)
+    custom_rollout: CustomRollout | None = None  # rollout.generate, on rank 0
 
     @property
     def is_driver(self) -> bool:
@@ -114,6 +120,8 @@ def train(run: Run, start_step: int) -> None:
         with timer("advantages"):
             value_stage(run, batch)
             compute_advantages(batch, run.objective)
+        if cfg.logging.sample_dumps and run.is_driver:
+            dump_samples(Path(cfg.training.out_dir) / "samples", step, batch, run.task.tokenizer)
         with timer("update"):
             update_metrics = update_stage(run, batch, step)
         with timer("weight_sync"):
@@ -163,7 +171,9 @@ def _collect_samples(run: Run, step: int) -> tuple[list[Sample], dict]:
     cfg, task = run.config, run.task
     num_prompts = cfg.rollout.prompts_per_step
     prompts = task.prompts(step, num_prompts)
-    samples = _generate(run, prompts, step=step, round_=0, offset=0)
+    reward_metrics: list[dict] = []
+    samples = _generate(run, prompts, step=step * 1000, offset=0, reward_metrics=reward_metrics,
+                        where=f"step {step}")
     all_scores = [s.reward for s in samples]
     rounds = 0
     if cfg.algorithm.dynamic_sampling:
@@ -173,7 +183,8 @@ def _collect_samples(run: Run, step: int) -> tuple[list[Sample], dict]:
             rounds += 1
             # Fresh prompts for a refill round come from a separate stream of the same task.
             extra = task.prompts(10_000_000 + step * 64 + rounds, num_prompts)
-            more = _generate(run, extra, step=step, round_=rounds, offset=rounds * num_prompts)
+            more = _generate(run, extra, step=step * 1000 + rounds, offset=rounds * num_prompts,
+                             reward_metrics=reward_metrics, where=f"step {step} refill {rounds}")
             all_scores += [s.reward for s in more]
             samples = samples + _keep_informative(more)
         samples = samples[: num_prompts * cfg.rollout.group_size]
@@ -191,14 +202,22 @@ def _collect_samples(run: Run, step: int) -> tuple[list[Sample], dict]:
         "dynamic_sampling/kept_frac": len(samples) / len(all_scores),
         "rollout/server_restarts": run.rollout.restarts,
         "rollout/num_samples": len(samples),
+        **merge_metrics(reward_metrics),
     }
 
 
-def _generate(run: Run, prompts, *, step: int, round_: int, offset: int) -> list[Sample]:
-    samples = run.rollout.generate([list(p.ids) for p in prompts], n=run.config.rollout.group_size,
-                                   step=step * 1000 + round_, group_offset=offset)
-    for s in samples:
-        s.reward = run.task.reward(prompts[s.group_index - offset], s.response_ids)
+def _generate(run: Run, prompts, *, step: int, offset: int, reward_metrics: list[dict],
+              where: str, n: int | None = None, greedy: bool = False) -> list[Sample]:
+    """Samples of ``prompts`` (single-turn, or rollout.generate's loop), scored by task.reward."""
+    n = run.config.rollout.group_size if n is None else n
+    if run.custom_rollout is not None:
+        samples = run.custom_rollout.generate(run.rollout, prompts, n=n, step=step,
+                                              group_offset=offset, greedy=greedy)
+    else:
+        samples = run.rollout.generate([list(p.ids) for p in prompts], n=n, step=step,
+                                       group_offset=offset, greedy=greedy)
+    reward_metrics.append(score_samples(run.scorer, run.task, prompts, samples, offset=offset,
+                                        where=where))
     return samples
 
 
@@ -331,18 +350,23 @@ def sync_stage(run: Run, version_step: int) -> None:
 
 
 def eval_stage(run: Run, step: int, *, force: bool = False) -> dict:
-    """Greedy accuracy of the current policy on the task's fixed evaluation set."""
+    """Greedy accuracy of the current policy on the task's fixed evaluation set, and pass@k /
+    mean@k over task.eval_k samples per prompt at the rollout temperature."""
     every = run.config.training.eval_every
     if not force and (not every or step % every):
         return {}
-    accuracy = 0.0
-    if run.is_driver:
-        prompts = run.task.eval_set()
-        samples = run.rollout.generate([list(p.ids) for p in prompts], n=1, step=-step,
-                                       greedy=True)
-        accuracy = sum(run.task.reward(prompts[s.group_index], s.response_ids)
-                       for s in samples) / len(samples)
-    return _broadcast_metrics(run, {"eval/accuracy": accuracy})
+    metrics = {}
+    prompts = run.task.eval_set() if run.is_driver else []
+    if prompts:
+        t, scoring = run.config.task, []
+        greedy = _generate(run, prompts, step=-step, offset=0, reward_metrics=scoring, n=1,
+                           greedy=True, where=f"greedy eval at step {step}")
+        sampled = _generate(run, prompts, step=-1_000_000 - step, offset=0,
+                            reward_metrics=scoring, n=t.eval_k,
+                            where=f"pass@k eval at step {step}") if t.eval_k else []
+        metrics = eval_metrics(greedy, sampled, k=t.eval_k, threshold=t.pass_threshold)
+        metrics["eval/reward_errors"] = merge_metrics(scoring)["reward/errors"]
+    return _broadcast_metrics(run, metrics)
 
 
 # ============================================================================ helpers
@@ -388,9 +412,8 @@ def setup(cfg: Config) -> tuple[Run, int]:
         lock = OutDirLock(out_dir)  # before anything is written; one run per out_dir
         dump_yaml(cfg, out_dir / "config.yaml")
     t, rl = cfg.task, cfg.training.mode == "rl"
-    task = build_task(name=t.name, path=t.path, eval_path=t.eval_path,
-                      max_operand=t.max_operand, num_terms=t.num_terms, eval_size=t.eval_size,
-                      seed=t.seed, model_dir=str(hf_path)) if rl else None
+    task = build_task(t, model_dir=str(hf_path), max_prompt_tokens=max(
+        1, arch.max_position_embeddings - cfg.rollout.max_new_tokens)) if rl else None
     if task is not None and task.tokenizer.vocab_size > arch.vocab_size:
         raise ConfigError(f"task {t.name}'s tokenizer has {task.tokenizer.vocab_size} ids but "
                           f"the model's vocabulary has {arch.vocab_size}")
@@ -426,6 +449,7 @@ def setup(cfg: Config) -> tuple[Run, int]:
     start_step = checkpoints.resume(actor, critic) if tr.resume else 0
     rollout = None
     rl_left = rl and start_step < tr.steps  # a finished run starts no server and pushes nothing
+    byo = _bring_your_own(cfg, task) if layout.rank == 0 and rl_left else {}
     if layout.rank == 0 and rl_left:
         r = cfg.rollout
         sampling = SamplingSettings(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
@@ -449,19 +473,48 @@ def setup(cfg: Config) -> tuple[Run, int]:
         rollout.start(hf_path, version="step-0")
     telemetry = Telemetry(out_dir, total_steps=tr.steps, start_step=start_step,
                           tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
-                          enabled=layout.rank == 0)
+                          enabled=layout.rank == 0, wandb=_wandb_settings(cfg))
     run = Run(config=cfg, layout=layout, groups=groups, dp=DataParallel.from_layout(layout, groups),
               arch=arch, task=task, pad_id=pad_id,
               actor=actor, settings=PassSettings.from_config(cfg), critic=critic,
               objective=objective, rollout=rollout, ptx=ptx,
               checkpoints=checkpoints,
-              telemetry=telemetry, lock=lock)
+              telemetry=telemetry, lock=lock, **byo)
     if rl_left and (start_step > 0 or cfg.rollout.server == "external"):
         # The built-in server starts from hf_path, which is the policy of a fresh run; after a
         # resume, or with an external server whose weights the trainer cannot vouch for, the
         # trainer's own weights go over first.
         sync_stage(run, start_step)
     return run, start_step
+
+
+def _bring_your_own(cfg: Config, task: Task) -> dict:
+    """Rank 0's reward scorer and custom rollout, as Run fields (ConfigError when they cannot
+    be built: a bad import path, a missing package)."""
+    from moerl.custom_rollout import CustomRollout
+    from moerl.rewards import Scorer, build_sources
+
+    t = cfg.task
+    try:
+        sources = build_sources(t.reward, task=task, batched=t.reward_batched,
+                                retries=t.reward_retries, timeout_s=t.reward_timeout_s)
+        custom = None
+        if cfg.rollout.generate:
+            custom = CustomRollout(cfg.rollout.generate, tokenizer=task.tokenizer,
+                                   concurrency=cfg.rollout.concurrency)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    scorer = Scorer(sources, on_error=t.reward_on_error, timeout_s=t.reward_timeout_s,
+                    concurrency=t.reward_concurrency)
+    return {"scorer": scorer, "custom_rollout": custom}
+
+
+def _wandb_settings(cfg: Config) -> dict | None:
+    lg = cfg.logging
+    if not lg.wandb:
+        return None
+    return {"project": lg.wandb_project, "mode": lg.wandb_mode, "config": to_dict(cfg),
+            "name": Path(cfg.training.out_dir).name}
 
 
 def _quiet_megatron(level: str) -> None:
@@ -515,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteTrainingError as err:
         if run is not None and run.is_driver:
             print(f"moerl: {err}", file=sys.stderr)
+        return 1
+    except RewardError as err:  # task.reward_on_error=fail: the message names the sample
+        print(f"moerl: {err}", file=sys.stderr)
         return 1
     finally:
         if run is not None:

@@ -108,10 +108,18 @@ class HFTokenizer:
         return self._tok.decode(ids, skip_special_tokens=True)
 
     def prompt_ids(self, text: str) -> list[int]:
+        return self.render([{"role": "user", "content": text}])[1]
+
+    def render(self, messages: list[dict]) -> tuple[str, list[int]]:
+        """A conversation as the model sees it: its chat template with a generation prompt when
+        it has one (the rendered text already holds the special tokens), else the contents
+        joined by blank lines and encoded with the tokenizer's special tokens."""
         if getattr(self._tok, "chat_template", None):
-            return self._tok.apply_chat_template([{"role": "user", "content": text}],
-                                                 add_generation_prompt=True, tokenize=True)
-        return self._tok.encode(text)
+            text = self._tok.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=False)
+            return text, self._tok.encode(text, add_special_tokens=False)
+        text = "\n\n".join(m["content"] for m in messages)
+        return text, self._tok.encode(text)
 
 
 class MathJsonlTask:
