@@ -42,6 +42,7 @@ from moerl.config import describe_options, dump_yaml
 from moerl.objective import Objective, compute_advantages, loss_mask, policy_loss
 from moerl.tasks import Task, build_task
 from moerl.telemetry import StageTimer, Telemetry
+from moerl.trainer.megatron_version import UnsupportedMegatronError, check_megatron_version
 
 if TYPE_CHECKING:  # the trainer imports megatron, which takes seconds: only where it is used
     from moerl.rollout_manager import RolloutManager
@@ -484,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = config_from_args(args)
-    except ConfigError as err:
+        check_megatron_version()
+    except (ConfigError, UnsupportedMegatronError) as err:
         print(f"moerl: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(level=cfg.logging.log_level.upper(),
