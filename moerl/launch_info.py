@@ -6,6 +6,7 @@ Prints ``<processes> <model.hf_path> <task.max_operand>``: the processes to star
 lcm(tp, ep * etp). The world is that times ``$NNODES`` (launch/multinode.sh). Exits 2, with every
 problem found, when:
 
+- the installed megatron-core is not a release moerl supports;
 - the command line has an unknown flag, or the config an unknown key or a bad value (the same
   parser and validation as ``moerl.train``);
 - the model's ``config.json`` (``model.hf_path``; ``ref_path`` and ``critic_path`` when set)
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from moerl.config import Config, ConfigError, add_cli_arguments, config_from_args
 from moerl.run_guard import is_locked
+from moerl.trainer.megatron_version import UnsupportedMegatronError, check_megatron_version
 
 
 def processes_here(cfg: Config) -> int:
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # an unknown flag exits 2 here, before any process starts
     try:
         cfg = config_from_args(args)
-    except ConfigError as err:
+        check_megatron_version()
+    except (ConfigError, UnsupportedMegatronError) as err:
         print(f"moerl: {err}", file=sys.stderr)
         return 2
     problems = preflight(cfg)

@@ -51,6 +51,7 @@ from moerl.rewards import RewardError, merge_metrics, score_samples
 from moerl.run_guard import OutDirLock, exit_with_launcher
 from moerl.tasks import Task, build_task
 from moerl.telemetry import StageTimer, Telemetry
+from moerl.trainer.megatron_version import UnsupportedMegatronError, check_megatron_version
 
 if TYPE_CHECKING:  # the trainer imports megatron, which takes seconds: only where it is used
     from moerl.custom_rollout import CustomRollout
@@ -537,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = config_from_args(args)
-    except ConfigError as err:
+        check_megatron_version()
+    except (ConfigError, UnsupportedMegatronError) as err:
         print(f"moerl: {err}", file=sys.stderr)
         return 2
     if os.environ.get("TORCHELASTIC_RUN_ID"):

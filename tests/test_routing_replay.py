@@ -14,6 +14,7 @@ import torch
 
 from moerl.routes import route_dtype
 from moerl.tiny_model import TINY_QWEN3_MOE
+from moerl.trainer import megatron_version
 from moerl.trainer.model import architecture_from_hf
 from moerl.trainer.parallel import ParallelLayout
 from moerl.trainer.routing_replay import (MegatronRoutes, RoutingReplay, pack_routes_BTLK,
@@ -137,10 +138,11 @@ def isolated_instances():
     RouterReplay.global_router_replay_instances[:] = saved
 
 
+@pytest.mark.compat
 def test_upstream_router_replay_structure(isolated_instances):
-    """moerl's subclass and RoutingReplay rely on exactly these upstream pieces (0.16.1)."""
+    """moerl's subclass and RoutingReplay rely on exactly these upstream pieces (0.16.1, 0.19.2)."""
     from megatron.core.transformer.moe import moe_utils
-    from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.transformer.moe.router import Router, TopKRouter
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
     RouterReplay = isolated_instances
@@ -167,7 +169,32 @@ def test_upstream_router_replay_structure(isolated_instances):
     inst.clear_router_replay_action()
     assert inst.router_replay_action is None
 
+    # The all-layer entry points RoutingReplay drives the instances with, in instance order.
+    other = RouterReplay()
+    RouterReplay.set_replay_data([target, target + 1])
+    assert inst.target_topk_idx is target and torch.equal(other.target_topk_idx, target + 1)
+    with pytest.raises(ValueError, match="does not match instances"):
+        RouterReplay.set_replay_data([target])
+    RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+    assert {inst.router_replay_action, other.router_replay_action} == {
+        RouterReplayAction.REPLAY_BACKWARD}
+    other.record_indices(target)
+    assert RouterReplay.get_recorded_data() == [None, target]
+    RouterReplay.clear_global_router_replay_action()
+    RouterReplay.clear_global_indices()
+    assert all(r.router_replay_action is None and r.target_topk_idx is None
+               and r.recorded_topk_idx is None and r.replay_backward_list == []
+               for r in (inst, other))
+    if megatron_version.at_least(0, 19):
+        # Each instance learns its layer from the router (TransformerLayer -> MoELayer -> Router).
+        assert inst.layer_number is None
+        assert "self.router_replay.layer_number = layer_number" in inspect.getsource(
+            Router.set_layer_number)
+    else:
+        assert not hasattr(inst, "layer_number")
 
+
+@pytest.mark.compat
 @pytest.mark.parametrize("pre_softmax", [False, True])
 def test_subclass_through_upstream_topk_routing(isolated_instances, pre_softmax):
     """Upstream's top-k routing with moerl's subclass installed: replay uses the given experts
@@ -179,6 +206,7 @@ def test_subclass_through_upstream_topk_routing(isolated_instances, pre_softmax)
     arch = architecture_from_hf({**TINY_QWEN3_MOE, "model_type": "qwen3_moe",
                                  "mlp_only_layers": [], "num_hidden_layers": 1})
     inst = isolated_instances()
+    inst.layer_number = 1  # what the router sets on 0.19 (0.16 does not look at it)
     rr = RoutingReplay(arch, layout(1, 0), tp_group=None)
     assert type(inst).__name__ == "_MoerlRouterReplay"
     logits = torch.tensor([[3.0, 1.0, 0.0, 2.0, -1.0, 0.5, -2.0, 0.0],
@@ -215,6 +243,20 @@ def test_subclass_through_upstream_topk_routing(isolated_instances, pre_softmax)
     assert rec.routes_BTLK.tolist() == [[[[0, 3]]], [[[2, 7]]]]  # [B=2, T=1, L=1, K=2]
 
 
+@pytest.mark.compat
+@pytest.mark.skipif(not megatron_version.at_least(0, 19),
+                    reason="0.16's RouterReplay does not know its layer")
+def test_routing_replay_refuses_instances_of_other_layers(isolated_instances):
+    instances = [isolated_instances() for _ in ARCH.moe_layer_ids]
+    for inst, layer in zip(instances, (1, 3)):  # the model's MoE layers are 2 and 3 (1-based)
+        inst.layer_number = layer
+    with pytest.raises(ValueError, match=r"belong to layers \[1, 3\].*MoE layers are \[2, 3\]"):
+        RoutingReplay(ARCH, layout(1, 0), tp_group=None)
+    instances[0].layer_number = 2
+    RoutingReplay(ARCH, layout(1, 0), tp_group=None)
+
+
+@pytest.mark.compat
 def test_routing_replay_refuses_a_second_model(isolated_instances):
     for _ in range(2 * len(ARCH.moe_layer_ids)):  # two models' routers
         isolated_instances()
@@ -232,6 +274,7 @@ def _results(stdout: str) -> list[dict]:
             if line.startswith(prefix)]
 
 
+@pytest.mark.compat
 @pytest.mark.timeout(360)
 def test_replay_on_real_models_tp2_ep2():
     script = str(REPO / "tests/dist/replay_checks.py")

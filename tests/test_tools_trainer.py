@@ -18,6 +18,7 @@ def _json_lines(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.compat
 @pytest.mark.timeout(240)
 def test_parity_tp2_ep2_matches_hf(tmp_path):
     hf_dir = create_tiny_hf_model(tmp_path / "tiny", seed=5)

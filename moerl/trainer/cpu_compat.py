@@ -2,37 +2,42 @@
 
 Megatron-core assumes CUDA. On a machine without it, moerl calls :func:`apply_cpu_patches`
 before building a model; with CUDA present nothing here is applied and upstream runs untouched.
-Each patch names the upstream behaviour it works around and the version it targets
-(megatron-core 0.16.1); ``tests/test_cpu_compat.py`` fails if upstream changes underneath one of
-them, so a stale patch is noticed instead of silently doing the wrong thing.
+Each patch names the upstream behaviour it works around and the megatron-core releases it applies
+to (the supported ones are in :mod:`moerl.trainer.megatron_version`: 0.16.1 and 0.19.2);
+``tests/test_cpu_compat.py`` fails if upstream changes underneath one of them, on either release,
+so a stale patch is noticed instead of silently doing the wrong thing.
 
 The patches:
 
-1. ``_CpuTorch`` stand-in. Many megatron modules allocate with ``device='cuda'`` or
-   ``device=torch.cuda.current_device()`` (RoPE's ``inv_freq`` move, the global memory buffer used
-   by attention and sequence-parallel gathers, the default causal mask, the router's weight move,
-   DDP's grad buffers, the FP32 optimizer's loss-scale tensor, grad-norm accumulation). Patching
-   each function would copy dozens of upstream bodies; instead each listed module's global
-   ``torch`` is replaced by a stand-in that forwards everything to ``torch`` except that factory
-   calls asking for a CUDA device get the CPU, and ``torch.cuda.current_device()`` is the CPU.
-   Only the modules in :data:`_CUDA_DEVICE_MODULES` see it; a module missing from the list fails
-   loudly ("Torch not compiled with CUDA enabled"), never silently.
-2. RNG tracker. Megatron forks a "CUDA" RNG state for tensor/expert-parallel regions, and
-   activation recomputation saves and restores it; ``torch.cuda.get_rng_state`` does not exist
-   without CUDA, so the tracker can never be seeded. On CPU the device generator *is* the CPU
-   generator: :class:`CpuRNGStatesTracker` keeps named CPU generator states, and the two private
-   state accessors used by ``tensor_parallel.checkpoint`` read/write the CPU state. Upstream's
-   ``model_parallel_cuda_manual_seed`` then works unchanged (its ``torch.cuda.manual_seed`` is a
-   no-op without CUDA).
-3. ``te_general_gemm``. ``moe_utils`` imports it inside ``try`` with the other TE names and never
-   defines it when TE is absent, but the router's gating GEMM tests ``te_general_gemm is not
-   None``, a NameError. Defining it as ``None`` selects upstream's own torch fallback.
-4. Norms under sequence parallelism. Without TE the layer specs use ``WrappedTorchNorm``, which
-   asserts ``not sequence_parallel``; but TP with MoE requires SP. A torch norm is correct under SP
-   (it is per token); what TE adds is marking its parameters ``sequence_parallel = True`` so that
-   ``finalize_model_grads`` all-reduces their gradients across the TP group. The replacement
-   builds the torch norm and sets that mark.
-5. Gradient clipping. ``clip_grad_by_total_norm_fp32`` asserts
+1. ``_CpuTorch`` stand-in (0.16.1, 0.19.2). Many megatron modules allocate with
+   ``device='cuda'`` or ``device=torch.cuda.current_device()`` (RoPE's ``inv_freq`` move, the
+   global memory buffer used by attention and sequence-parallel gathers, the default causal mask,
+   the router's weight move, DDP's grad buffers, the FP32 optimizer's loss-scale tensor, grad-norm
+   accumulation). Patching each function would copy dozens of upstream bodies; instead each
+   listed module's global ``torch`` is replaced by a stand-in that forwards everything to
+   ``torch`` except that factory calls asking for a CUDA device get the CPU, and
+   ``torch.cuda.current_device()`` is the CPU. From 0.19, DDP's gradient sync also asks for
+   ``torch.cuda.current_stream()`` (to wait on CUDA-graph events, which never exist on CPU): the
+   stand-in answers with the CPU stream. Only the modules in :data:`_CUDA_DEVICE_MODULES`
+   see it; a module missing from the list fails loudly ("Torch not compiled with CUDA enabled"),
+   never silently.
+2. RNG tracker (0.16.1, 0.19.2). Megatron forks a "CUDA" RNG state for tensor/expert-parallel
+   regions, and activation recomputation saves and restores it; ``torch.cuda.get_rng_state``
+   does not exist without CUDA, so the tracker can never be seeded. On CPU the device generator
+   *is* the CPU generator: :class:`CpuRNGStatesTracker` keeps named CPU generator states, and the
+   two private state accessors used by ``tensor_parallel.checkpoint`` read/write the CPU state.
+   Upstream's ``model_parallel_cuda_manual_seed`` then works unchanged (its
+   ``torch.cuda.manual_seed`` is a no-op without CUDA).
+3. ``te_general_gemm`` (0.16 only). 0.16.1's ``moe_utils`` imports it inside ``try`` with the other
+   TE names and never defines it when TE is absent, but the router's gating GEMM tests
+   ``te_general_gemm is not None``, a NameError. Defining it as ``None`` selects upstream's own
+   torch fallback. From 0.17 upstream sets every missing TE name to ``None`` itself: not applied.
+4. Norms under sequence parallelism (0.16.1, 0.19.2). Without TE the layer specs use
+   ``WrappedTorchNorm``, which asserts ``not sequence_parallel``; but TP with MoE requires SP. A
+   torch norm is correct under SP (it is per token); what TE adds is marking its parameters
+   ``sequence_parallel = True`` so that ``finalize_model_grads`` all-reduces their gradients
+   across the TP group. The replacement builds the torch norm and sets that mark.
+5. Gradient clipping (0.16.1, 0.19.2). ``clip_grad_by_total_norm_fp32`` asserts
    ``param.grad.type() == 'torch.cuda.FloatTensor'``; the replacement scales the same gradients by
    the same coefficient with ``torch._foreach_mul_``.
 
@@ -52,7 +57,7 @@ import types
 
 import torch
 
-TARGET_MEGATRON_VERSION = "0.16.1"
+from moerl.trainer import megatron_version
 
 _CPU = torch.device("cpu")
 
@@ -66,7 +71,7 @@ _CUDA_DEVICE_MODULES = (
     "megatron.core.tensor_parallel.mappings",  # SP gather/scatter buffers on current_device
     "megatron.core.tensor_parallel.layers",  # weight-grad buffers on current_device
     "megatron.core.tensor_parallel.random",  # tracker seeding uses torch.cuda RNG calls
-    "megatron.core.distributed.param_and_grad_buffer",  # DDP grad buffers on current_device
+    "megatron.core.distributed.param_and_grad_buffer",  # grad buffers; 0.19: current_stream
     "megatron.core.distributed.distributed_data_parallel",  # DDP buffers on current_device
     "megatron.core.optimizer.optimizer",  # FP32Optimizer._scale on 'cuda'
     "megatron.core.optimizer.clip_grads",  # grad-norm buffers on 'cuda'
@@ -78,7 +83,7 @@ _FACTORIES = frozenset(
 
 
 class _CpuCuda:
-    """``torch.cuda`` as the stand-in shows it: the current device and RNG are the CPU's."""
+    """``torch.cuda`` as the stand-in shows it: the current device, stream and RNG are the CPU's."""
 
     def __getattr__(self, name: str):
         return getattr(torch.cuda, name)
@@ -87,6 +92,9 @@ class _CpuCuda:
     def current_device() -> torch.device:
         return _CPU
 
+    # 0.19: DDP's grad sync waits on CUDA-graph events through the current stream (none on CPU;
+    # the CPU stream's wait_event is a no-op).
+    current_stream = staticmethod(torch.cpu.current_stream)
     get_rng_state = staticmethod(torch.get_rng_state)
     set_rng_state = staticmethod(torch.set_rng_state)
     manual_seed = staticmethod(torch.manual_seed)
@@ -197,7 +205,7 @@ def apply_cpu_patches() -> bool:
 
     from megatron.core.transformer.moe import moe_utils
 
-    if not moe_utils.HAVE_TE:
+    if not megatron_version.at_least(0, 17) and not moe_utils.HAVE_TE:
         moe_utils.te_general_gemm = None
 
     from megatron.core.transformer import torch_norm

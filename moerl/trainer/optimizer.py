@@ -32,7 +32,7 @@ Conventions (where Megatron leaves a choice open):
   ``lr * min(1, n / warmup_steps)``, so the first update already moves the weights.
 - fp16 (GPU): Megatron's dynamic loss scaler. ``prepare_grads`` unscales the gradients, checks
   them and updates the scale; an overflow then skips the step here like any non-finite gradient.
-- On CPU, only fp32 with the plain (non-distributed) optimizer: megatron-core 0.16.1's
+- On CPU, only fp32 with the plain (non-distributed) optimizer: megatron-core's (0.16.1 and 0.19.2)
   mixed-precision and distributed optimizers require CUDA tensor types (see
   :func:`build_optimizer`). Both work unchanged on GPU.
 """
@@ -229,7 +229,7 @@ def build_optimizer(model: torch.nn.Module, layout: ParallelLayout, groups: Proc
     if clip_grad < 0.0:
         raise ValueError(f"optimizer.clip_grad must be >= 0 (0 disables clipping), got {clip_grad}")
     if not torch.cuda.is_available() and (bf16 or fp16 or use_distributed_optimizer):
-        # megatron-core 0.16.1 sorts the parameters of its mixed-precision and distributed
+        # megatron-core (0.16.1, 0.19.2) sorts the parameters of its mixed-precision and distributed
         # optimizers by param.type() == "torch.cuda.{Float,BFloat16,Half}Tensor" and raises
         # TypeError for CPU tensors; moerl.trainer.cpu_compat does not patch that.
         raise ValueError("optimizer bf16=True, fp16=True and use_distributed_optimizer=True need "

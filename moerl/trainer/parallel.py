@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moerl.trainer.megatron_version import check_megatron_version
+
 
 @dataclass(frozen=True)
 class ParallelLayout:
@@ -103,8 +105,11 @@ def init_parallel(*, tp: int, ep: int, etp: int, seed: int,
     """Initialise torch.distributed (from torchrun's environment) and Megatron's groups.
 
     Backend: :func:`default_backend` (host tensors on gloo, CUDA tensors on NCCL). Also applies
-    the CPU patches when CUDA is absent and seeds Megatron's model-parallel RNG tracker.
+    the CPU patches when CUDA is absent and seeds Megatron's model-parallel RNG tracker. Raises
+    :class:`~moerl.trainer.megatron_version.UnsupportedMegatronError` first when the installed
+    megatron-core is not a supported release.
     """
+    check_megatron_version()
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 

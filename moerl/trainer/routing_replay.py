@@ -14,7 +14,14 @@ Modes (:class:`ReplayMode`, DESIGN.md "Routing replay modes"):
             routing replay" in the same paper; DeepSeek-V3.2's "keep routing").
 The reference forward always routes naturally.
 
-What replay means numerically (megatron-core 0.16.1, ``RouterReplay.get_replay_topk``): the
+Upstream's own entry points do the per-layer work (megatron-core 0.16.1 and 0.19.2 have the same
+``RouterReplay`` API): ``set_replay_data``, ``set_global_router_replay_action``,
+``get_recorded_data``, ``clear_global_indices`` / ``clear_global_router_replay_action``. moerl adds
+what upstream lacks: the session (one context per pass, cleared also on error), the SP gather,
+checks of every route tensor, and, on 0.19, a check of each instance's ``layer_number`` against
+the model's MoE layers (0.16's instances do not know their layer).
+
+What replay means numerically (``RouterReplay.get_replay_topk``, the same in 0.16.1 and 0.19.2): the
 experts are the given ones, the gate weights are recomputed from the trainer's own router scores
 at those experts, so the router still receives gradients. With ``moe_router_pre_softmax=False``
 (HF ``norm_topk_prob=True``) the scores are logits and the gate weights are the softmax over the
@@ -62,6 +69,7 @@ import torch
 import torch.distributed as dist
 
 from moerl.routes import route_dtype
+from moerl.trainer import megatron_version
 from moerl.trainer.model import MoEArchitecture
 from moerl.trainer.parallel import ParallelLayout
 
@@ -279,6 +287,20 @@ def _moerl_router_replay_class():
     return _MoerlRouterReplay
 
 
+def _check_layer_numbers(instances: list, arch: MoEArchitecture) -> None:
+    """From megatron-core 0.19 each ``RouterReplay`` knows its layer's 1-based ``layer_number``:
+    check that the instances are this model's MoE layers in order (replay relies on it)."""
+    if not megatron_version.at_least(0, 19):
+        return  # 0.16's RouterReplay does not know its layer; the count check is all there is
+    found = [router.layer_number for router in instances]
+    expected = [layer + 1 for layer in arch.moe_layer_ids]
+    if found != expected:
+        raise ValueError(f"RouterReplay instances belong to layers {found} (1-based), but the "
+                         f"model's MoE layers are {expected}: the model was built with other "
+                         "MoE layers than its HF config says, or with pipeline parallelism, "
+                         "which routing replay does not support")
+
+
 def _check_fits(target: torch.Tensor | None, scores: torch.Tensor, topk: int) -> None:
     if target is None:
         raise RuntimeError("a router is in replay mode without routes to replay")
@@ -311,9 +333,8 @@ class ReplayPass:
     def switch_to_backward(self) -> None:
         """Call after the forward, before ``backward()``: recomputed layers pop the routes their
         checkpointed forward used (``REPLAY_BACKWARD``) instead of routing anew."""
-        _, Action = _router_replay_classes()
-        for router in self._owner._routers:
-            router.set_router_replay_action(Action.REPLAY_BACKWARD)
+        RouterReplay, Action = _router_replay_classes()
+        RouterReplay.set_global_router_replay_action(Action.REPLAY_BACKWARD)
         self.in_backward = True
 
 
@@ -337,6 +358,7 @@ class RoutingReplay:
                 "process (build other models with moe_enable_routing_replay=False, or call "
                 "RouterReplay.clear_global_router_replay_instances() before building), or the "
                 "model was built without moe_enable_routing_replay")
+        _check_layer_numbers(instances, arch)
         self.arch, self.layout, self.tp_group = arch, layout, tp_group
         self._routers = list(instances)
         replay_cls = _moerl_router_replay_class()
@@ -348,15 +370,14 @@ class RoutingReplay:
     @contextlib.contextmanager
     def record(self, *, batch_size: int, seq_len: int):
         """Route naturally and record; the handle's ``routes_BTLK`` is set on exit."""
-        _, Action = _router_replay_classes()
+        RouterReplay, Action = _router_replay_classes()
         handle = RecordedRoutes()
         with self._session():
-            for router in self._routers:
-                router.set_router_replay_action(Action.RECORD)
+            RouterReplay.set_global_router_replay_action(Action.RECORD)
             yield handle
             handle.routes_BTLK = self._gather_BTLK(
-                [router.recorded_topk_idx for router in self._routers],
-                batch_size=batch_size, seq_len=seq_len, what="recorded")
+                RouterReplay.get_recorded_data(), batch_size=batch_size, seq_len=seq_len,
+                what="recorded")
 
     @contextlib.contextmanager
     def replay(self, routes: MegatronRoutes, *, capture_natural: bool = False):
@@ -367,7 +388,7 @@ class RoutingReplay:
         ``backward()``. Routes on another device than the model's are moved once here, all layers
         in one copy (Megatron would otherwise copy on every router call, each a host sync).
         """
-        _, Action = _router_replay_classes()
+        RouterReplay, Action = _router_replay_classes()
         if len(routes.per_layer) != len(self._routers):
             raise ValueError(f"routes cover {len(routes.per_layer)} MoE layers, the model has "
                              f"{len(self._routers)}")
@@ -378,10 +399,10 @@ class RoutingReplay:
             per_layer = torch.stack(per_layer).to(device).unbind(0)
         handle = ReplayPass(self, routes)
         with self._session():
-            for router, idx in zip(self._routers, per_layer):
-                router.set_target_indices(idx)
+            RouterReplay.set_replay_data(list(per_layer))
+            for router in self._routers:
                 router.moerl_capture_natural = capture_natural
-                router.set_router_replay_action(Action.REPLAY_FORWARD)
+            RouterReplay.set_global_router_replay_action(Action.REPLAY_FORWARD)
             yield handle
             if handle.in_backward:
                 self._check_consumed()
@@ -402,9 +423,9 @@ class RoutingReplay:
         try:
             yield
         finally:
+            RouterReplay.clear_global_router_replay_action()
+            RouterReplay.clear_global_indices()
             for router in self._routers:
-                router.clear_router_replay_action()
-                router.clear_indices()
                 router.moerl_reset()
             self._active = False
 
