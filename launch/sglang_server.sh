@@ -8,7 +8,8 @@
 # environment from launch/setup_sglang.sh, which also applies the CPU shims) it adds
 #   SGLANG_USE_CPU_ENGINE=1 --device cpu --attention-backend torch_native --sampling-backend pytorch
 #   --disable-overlap-schedule --cuda-graph-backend-{decode,prefill}=disabled
-#   --max-total-tokens $MAX_TOTAL_TOKENS (8192) and MEM_FRACTION 0.05 (of host memory),
+#   --max-total-tokens $MAX_TOTAL_TOKENS (8192) and MEM_FRACTION 0.6 (of host memory; the KV
+#   pool is capped by --max-total-tokens, the fraction only has to exceed what is in use),
 # and DTYPE defaults to float32.
 # DETERMINISTIC=1 (the default on cuda) adds --enable-deterministic-inference: without it SGLang
 # 0.5.23 silently ignores sampling_seed (sampling/sampling_batch_info.py), so the client's
@@ -61,7 +62,9 @@ if [[ "$DEVICE" == auto ]]; then
 fi
 if [[ "$DEVICE" == cpu ]]; then
   DTYPE="${DTYPE:-float32}"
-  MEM_FRACTION="${MEM_FRACTION:-0.05}"
+  # A fraction of host memory that must exceed what is already in use at start-up (SGLang
+  # refuses to start otherwise); the KV pool itself is capped by --max-total-tokens.
+  MEM_FRACTION="${MEM_FRACTION:-0.6}"
   DETERMINISTIC="${DETERMINISTIC:-0}"
 else
   DTYPE="${DTYPE:-bfloat16}"

@@ -62,16 +62,20 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    server: Literal["builtin", "external"] = "builtin"
-    """builtin: moerl starts its own SGLang-compatible server on this machine; external: use
-    ``rollout.url`` (an SGLang server, or a moerl server started separately)."""
+    server: Literal["builtin", "sglang", "external"] = "builtin"
+    """builtin: moerl starts its own SGLang-compatible server on this machine; sglang: moerl starts
+    a real SGLang 0.5.23 server on this machine through launch/sglang_server.sh (CPU: run
+    launch/setup_sglang.sh first; GPU: $MOERL_SGLANG_PYTHON names a python with moerl[sglang]),
+    restarted if it dies, stopped with the trainer; external: use ``rollout.url`` (an SGLang
+    server, or a moerl server started separately)."""
     url: str = ""
     """Base URL of an external rollout server, e.g. http://10.0.0.5:30000."""
     api_key: str = ""
     """API key for the server's mutating endpoints (builtin: generated if empty)."""
     engine_dtype: Literal["float32", "bfloat16"] = "float32"
-    """builtin server's dtype; bfloat16 against an fp32 trainer makes the engine/trainer mismatch
-    that routing replay and the sampling mask address (as SGLang bf16 vs Megatron does)."""
+    """builtin or local sglang server's dtype; bfloat16 against an fp32 trainer makes the
+    engine/trainer mismatch that routing replay and the sampling mask address (as SGLang bf16
+    vs Megatron does)."""
     engine_max_batch_size: int = 0
     """builtin server: sequences decoded together (0: prompts_per_step * group_size, at most 256).
     1 makes each request's output a pure function of weights, prompt and seed, whatever else the
