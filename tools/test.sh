@@ -4,10 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 launch/setup.sh
-# A real SGLang server's CPU environment and the tests that run it (marker `sglang`, ~N min,
-# +3.5 GB); MOERL_SKIP_SGLANG=1 skips both.
+# A real SGLang server's CPU environment and the tests that run it (marker `sglang`; README:
+# time and disk); MOERL_SKIP_SGLANG=1 skips both.
 if [ "${MOERL_SKIP_SGLANG:-0}" = 1 ]; then set -- -m "not sglang" "$@"; else
-  launch/setup_sglang.sh && export MOERL_REQUIRE_SGLANG=1; fi
+  launch/setup_sglang.sh
+  export MOERL_REQUIRE_SGLANG=1
+fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
