@@ -1,7 +1,21 @@
 #!/usr/bin/env bash
-# Start an SGLang 0.5.23 rollout server for moerl (GPU clusters).
+# Start an SGLang 0.5.23 rollout server for moerl (GPU clusters, or this repo's CPU machines).
 #
 #   MODEL=Qwen/Qwen3-30B-A3B TP=4 PORT=30000 MOERL_ROLLOUT_API_KEY=... launch/sglang_server.sh [extra sglang args]
+#   MODEL=runs/tiny_warmstart/hf PYTHON=.venv-sglang/bin/python launch/sglang_server.sh   # CPU
+#
+# DEVICE=auto (default) picks cuda when $PYTHON's torch sees a GPU, else cpu. On cpu (SGLang's
+# environment from launch/setup_sglang.sh, which also applies the CPU shims) it adds
+#   SGLANG_USE_CPU_ENGINE=1 --device cpu --attention-backend torch_native --sampling-backend pytorch
+#   --disable-overlap-schedule --cuda-graph-backend-{decode,prefill}=disabled
+#   --max-total-tokens $MAX_TOTAL_TOKENS (8192) and MEM_FRACTION 0.6 (of host memory; the KV
+#   pool is capped by --max-total-tokens, the fraction only has to exceed what is in use),
+# and DTYPE defaults to float32.
+# DETERMINISTIC=1 (the default on cuda) adds --enable-deterministic-inference: without it SGLang
+# 0.5.23 silently ignores sampling_seed (sampling/sampling_batch_info.py), so the client's
+# per-sample seeds would do nothing. It needs an attention backend SGLang supports for it (it says
+# so at start-up if the chosen one is not); it cannot be enabled on cpu, where seeds are ignored
+# (moerl then keeps exactly-once delivery, but not seed-reproducible samples: see README).
 #
 # What this turns on, and why (see moerl/rollout/protocol.py for the wire format):
 #   --enable-return-routed-experts     meta_info.routed_experts: base64 int32 [P+R-1, layers, top_k]
@@ -40,20 +54,38 @@ HOST="${HOST:-127.0.0.1}"
 PORT="${PORT:-30000}"
 TP="${TP:-1}"
 EP="${EP:-1}"
-DTYPE="${DTYPE:-bfloat16}"
+PYTHON="${PYTHON:-python}"
+DEVICE="${DEVICE:-auto}"
+if [[ "$DEVICE" == auto ]]; then
+  if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    DEVICE=cuda
+  else
+    DEVICE=cpu
+  fi
+fi
+if [[ "$DEVICE" == cpu ]]; then
+  DTYPE="${DTYPE:-float32}"
+  # A fraction of host memory that must exceed what is already in use at start-up (SGLang
+  # refuses to start otherwise); the KV pool itself is capped by --max-total-tokens.
+  MEM_FRACTION="${MEM_FRACTION:-0.6}"
+  DETERMINISTIC="${DETERMINISTIC:-0}"
+else
+  DTYPE="${DTYPE:-bfloat16}"
+  MEM_FRACTION="${MEM_FRACTION:-0.85}"
+  DETERMINISTIC="${DETERMINISTIC:-1}"
+fi
+MAX_TOTAL_TOKENS="${MAX_TOTAL_TOKENS:-8192}"
 case "$DTYPE" in
   bfloat16|float16|float32|auto) ;;
   *) echo "DTYPE=$DTYPE is not a serving dtype: use bfloat16, float16 (FP16 rollouts)," \
           "float32 or auto" >&2
      exit 2 ;;
 esac
-MEM_FRACTION="${MEM_FRACTION:-0.85}"
 SAMPLING_MASK_MAX_TOKENS="${SAMPLING_MASK_MAX_TOKENS:-4096}"
 SAMPLING_BACKEND="${SAMPLING_BACKEND:-pytorch}"
 KEEP_ROUTING="${KEEP_ROUTING:-1}"
 SKIP_TOKENIZER="${SKIP_TOKENIZER:-1}"
 WEIGHT_VERSION="${WEIGHT_VERSION:-default}"
-PYTHON="${PYTHON:-python}"
 
 if ! "$PYTHON" -c "import sglang, sys; sys.exit(sglang.__version__ != '0.5.23')" 2>/dev/null; then
   echo "sglang==0.5.23 is required (pip install 'moerl[sglang]'); the wire contract is pinned to it" >&2
@@ -72,6 +104,19 @@ args=(
   --sampling-backend "$SAMPLING_BACKEND"
   --weight-version "$WEIGHT_VERSION"
 )
+if [[ "$DEVICE" == cpu ]]; then
+  if [[ "$DETERMINISTIC" == 1 ]]; then
+    echo "DETERMINISTIC=1 is not possible on cpu: SGLang's deterministic inference needs a GPU" \
+         "attention backend (set DETERMINISTIC=0; seeds are then ignored by SGLang)" >&2
+    exit 2
+  fi
+  export SGLANG_USE_CPU_ENGINE=1
+  args+=(--device cpu --attention-backend torch_native --disable-overlap-schedule
+         --cuda-graph-backend-decode=disabled --cuda-graph-backend-prefill=disabled
+         --max-total-tokens "$MAX_TOTAL_TOKENS")
+elif [[ "$DETERMINISTIC" == 1 ]]; then
+  args+=(--enable-deterministic-inference)
+fi
 if [[ "$SKIP_TOKENIZER" == 1 ]]; then
   args+=(--skip-tokenizer-init)
 fi

@@ -72,16 +72,20 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    server: Literal["builtin", "external"] = "builtin"
-    """builtin: moerl starts its own SGLang-compatible server on this machine; external: use
-    ``rollout.url`` (an SGLang server, or a moerl server started separately)."""
+    server: Literal["builtin", "sglang", "external"] = "builtin"
+    """builtin: moerl starts its own SGLang-compatible server on this machine; sglang: moerl starts
+    a real SGLang 0.5.23 server on this machine through launch/sglang_server.sh (CPU: run
+    launch/setup_sglang.sh first; GPU: $MOERL_SGLANG_PYTHON names a python with moerl[sglang]),
+    restarted if it dies, stopped with the trainer; external: use ``rollout.url`` (an SGLang
+    server, or a moerl server started separately)."""
     url: str = ""
     """Base URL of an external rollout server, e.g. http://10.0.0.5:30000."""
     api_key: str = ""
     """API key for the server's mutating endpoints (builtin: generated if empty)."""
     engine_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """builtin server's dtype; bfloat16 against an fp32 trainer makes the engine/trainer mismatch
-    that routing replay and the sampling mask address (as SGLang bf16 vs Megatron does); float16
+    """builtin or local sglang server's dtype; bfloat16 against an fp32 trainer makes the
+    engine/trainer mismatch that routing replay and the sampling mask address (as SGLang bf16 vs
+    Megatron does); float16
     rollouts shrink it (10 mantissa bits against bf16's 7). An external SGLang server takes its
     dtype from its launch (DTYPE=float16 launch/sglang_server.sh)."""
     engine_max_batch_size: int = 0

@@ -1,21 +1,28 @@
 """Trainer rank 0's side of the rollout: the server's lifecycle, generation, weight pushes.
 
-With ``rollout.server=builtin`` the manager starts moerl's server as a subprocess and restarts it
-if it dies: a restarted server loads the last weights that were pushed (kept on disk in the run
-directory for exactly that), under the same weight version, so requests the client retries
-after the restart are served by the same policy and no sample is lost or changes meaning. With
-an external server (SGLang), restarts are the operator's; the client's retries ride them out,
-and a server that comes back with other weights is caught by the weight-version check.
+With ``rollout.server=builtin`` the manager starts moerl's server as a subprocess, with
+``rollout.server=sglang`` a local SGLang server (``launch/sglang_server.sh`` through
+``moerl.rollout.sglang_local``), and restarts it if it dies: a restarted server loads the last
+weights that were pushed (kept on disk in the run directory for exactly that), under the same
+weight version, so requests the client retries after the restart are served by the same policy
+and no sample is lost or changes meaning. Either server exits with the trainer. With an
+external server, restarts are the operator's; the client's retries ride them out, and a server
+that comes back with other weights is caught by the weight-version check. Against any SGLang
+server the start-up refuses a checkpoint SGLang would serve wrongly and says whether per-sample
+seeds are honoured (``moerl.rollout.sglang``).
 
 Sampling seeds are a function of ``(rollout.seed, step, group, sample)``, so a resumed run asks
-for exactly the samples an uninterrupted one would have.
+for exactly the samples an uninterrupted one would have; the built-in server honours them, SGLang
+only with ``--enable-deterministic-inference`` (GPU), and ``seeds_honoured`` says which holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import socket
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +33,9 @@ from moerl.batch import Sample
 from moerl.rollout.client import RetryPolicy, RolloutClient, RolloutError, run_sync
 from moerl.rollout.protocol import MoeLayout, WireFormatError
 from moerl.rollout.server import ServerHandle, launch_server
+from moerl.rollout.sglang import (SEEDS_IGNORED_WARNING, check_model_servable, is_sglang,
+                                  seeds_honoured)
+from moerl.rollout.sglang_local import SGLangServer, launch_sglang
 from moerl.rollout.weight_sync import DistributedWeightSync, WeightSyncError
 from moerl.hf_io import write_hf_checkpoint
 from moerl.rollout.weight_sync import update_weights_from_disk
@@ -64,20 +74,25 @@ class RolloutManager:
                  sampling: SamplingSettings, layout: MoeLayout, return_routes: bool,
                  require_routes: bool, return_mask: bool, require_mask: bool, sync_method: str,
                  bucket_mb: int, sync_address: str, sync_port: int, run_dir: Path,
-                 hf_config_dir: str, max_batch_size: int = 64):
+                 hf_config_dir: str, max_batch_size: int = 64, local_sglang: bool = False):
         self.builtin, self.url, self.api_key = builtin, url, api_key or None
+        self.local_sglang = local_sglang
+        self.managed = builtin or local_sglang  # the manager starts and restarts the server
         self.engine_dtype, self.seed, self.sampling = engine_dtype, seed, sampling
         self.layout, self.return_routes, self.return_mask = layout, return_routes, return_mask
         self.require_routes, self.require_mask = require_routes, require_mask
         self.sync_method, self.bucket_bytes = sync_method, bucket_mb << 20
-        self.sync_address = sync_address or ("127.0.0.1" if builtin else socket.getfqdn())
+        self.sync_address = sync_address or ("127.0.0.1" if self.managed else socket.getfqdn())
         self.sync_port = sync_port
         self.weights_dir = run_dir / "rollout_weights"  # the last pushed weights, HF format
         self.hf_config_dir = hf_config_dir
         self.concurrency, self.timeout_s = concurrency, timeout_s
         self.retry = RetryPolicy(max_attempts=max_retries + 1)  # the first try, then retries
         self.max_batch_size = max_batch_size
-        self.server: ServerHandle | None = None
+        self.server: ServerHandle | SGLangServer | None = None
+        self._serving = threading.Event()  # cleared while the server is being restarted
+        self._serving.set()
+        self.seeds_honoured = True  # False: an SGLang server without deterministic inference
         self.client: RolloutClient | None = None
         self._sync: DistributedWeightSync | None = None
         self.version = ""
@@ -86,17 +101,32 @@ class RolloutManager:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, weights_dir: str | Path, version: str) -> None:
-        """Start the built-in server on ``weights_dir`` as ``version``, or connect to an external
-        one (whose own version stands until the trainer's first weight push)."""
+        """Start the built-in or a local SGLang server on ``weights_dir`` as ``version``, or
+        connect to an external one (whose own version stands until the trainer's first push)."""
         self.version = version
-        if self.builtin:
+        if self.managed:
             self._launch(weights_dir, port=0)
         self.client = RolloutClient(self.url, api_key=self.api_key, concurrency=self.concurrency,
                                     timeout_s=self.timeout_s, retry=self.retry,
-                                    layout=self.layout)
-        if not self.builtin:
-            self.version = run_sync(self.client.weight_version())  # replaced by the first push
-        self._probe()
+                                    layout=self.layout, server_ready=self._wait_serving)
+        try:
+            if not self.managed:
+                self.version = run_sync(self.client.weight_version())  # replaced by the push
+            self._check_sglang()
+            self._probe()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_sglang(self) -> None:
+        """Against SGLang: refuse a checkpoint it serves wrongly; say whether seeds hold."""
+        info = run_sync(self.client.model_info())
+        if not is_sglang(info):
+            return
+        check_model_servable(info, self.layout)
+        self.seeds_honoured = seeds_honoured(run_sync(self.client.server_info()))
+        if not self.seeds_honoured:
+            log.warning(SEEDS_IGNORED_WARNING)
 
     def _probe(self) -> None:
         """Short requests before any training work: a server that cannot return what the run
@@ -122,11 +152,21 @@ class RolloutManager:
             return_routes=routes, return_sampling_mask=mask))
 
     def _launch(self, weights_dir: str | Path, *, port: int) -> None:
+        log_path = self.weights_dir.parent / "rollout_server.log"
+        if self.local_sglang:
+            self.api_key = self.api_key or secrets.token_hex(16)
+            self.server = launch_sglang(weights_dir, port=port, dtype=self.engine_dtype,
+                                        api_key=self.api_key, weight_version=self.version,
+                                        log_path=log_path)
+            self.url = self.server.url
+            if self.client is not None:
+                self.client.base_url = self.url
+            return
         self.server = launch_server(
             weights_dir, port=port, api_key=self.api_key or "auto", dtype=self.engine_dtype,
             seed=self.seed, max_batch_size=self.max_batch_size,
             extra_args=("--weight-version", self.version), num_threads=1,
-            log_path=self.weights_dir.parent / "rollout_server.log")
+            log_path=log_path)
         self.api_key, self.url = self.server.api_key, self.server.url
         if self.client is not None:
             self.client.base_url = self.url
@@ -163,12 +203,12 @@ class RolloutManager:
         return samples
 
     async def _with_watchdog(self, coro):
-        """Run ``coro``; meanwhile, if the builtin server process dies, restart it on its port
-        with the last pushed weights so the client's retries land on the same policy."""
+        """Run ``coro``; meanwhile, if the server this manager started dies, restart it on its
+        port with the last pushed weights so the client's retries land on the same policy."""
         task = asyncio.ensure_future(coro)
         while not task.done():
             await asyncio.wait([task], timeout=0.5)
-            if self.builtin and self.server.process.poll() is not None:
+            if self.managed and self.server.process.poll() is not None:
                 self.restarts += 1
                 log.warning("rollout server died (exit %s); restarting it on port %d with "
                             "weights %s (restart #%d)", self.server.process.returncode,
@@ -181,7 +221,15 @@ class RolloutManager:
             self._sync.broken = True  # the server side of the group died with the process
         weights = self.weights_dir if (self.weights_dir / "config.json").exists() else (
             self.hf_config_dir)
-        self._launch(weights, port=self.server.port)
+        self._serving.clear()
+        try:
+            self._launch(weights, port=self.server.port)
+        finally:
+            self._serving.set()
+
+    async def _wait_serving(self) -> None:
+        if not self._serving.is_set():
+            await asyncio.to_thread(self._serving.wait)
 
     # ------------------------------------------------------------------ weights
 
@@ -189,22 +237,22 @@ class RolloutManager:
                      version: str) -> None:
         """Send the trainer's weights (HF names) and make ``version`` current on the server.
 
-        For the builtin server the tensors are written to ``weights_dir`` first: that copy is
-        what a restarted server loads, so a server that dies during the push is simply
+        For a server this manager started the tensors are written to ``weights_dir`` first: that
+        copy is what a restarted server loads, so a server that dies during the push is simply
         restarted with the new weights.
         """
         if self.sync_method == "disk":
             update_weights_from_disk([self.client], named_tensors, out_dir=self.weights_dir,
                                      weight_version=version, config_dir=self.hf_config_dir)
         else:
-            if self.builtin:
+            if self.managed:
                 named_tensors = [(name, t.detach().cpu().clone()) for name, t in named_tensors]
                 write_hf_checkpoint(named_tensors, self.weights_dir,
                                     config_dir=self.hf_config_dir)
             try:
                 self._push_distributed(named_tensors, version)
             except (RolloutError, WeightSyncError, OSError):
-                if not (self.builtin and self.server.process.poll() is not None):
+                if not (self.managed and self.server.process.poll() is not None):
                     raise
                 self.restarts += 1
                 log.warning("rollout server died during the weight push; restarting it with "

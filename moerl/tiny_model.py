@@ -38,10 +38,15 @@ TINY_QWEN3_MOE: dict[str, Any] = dict(
 # Named variants (overrides of TINY_QWEN3_MOE). "wide" has more MoE layers and experts, so more
 # routing decisions per token sit near a tie and a bf16 engine flips more of them: a CPU-sized
 # stand-in for the routing fragility of large MoEs (Qwen3-30B-A3B: 48 MoE layers, 128 experts).
+# The "_moe" variants have no dense layer: SGLang 0.5.23 builds every Qwen3-MoE layer as MoE and
+# ignores mlp_only_layers, so only these can be served by a real SGLang server (released Qwen3-MoE
+# checkpoints have no dense layers either).
+_WIDE = dict(num_hidden_layers=5, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=16)
 TINY_VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": {},
-    "wide": dict(num_hidden_layers=5, num_experts=32, num_experts_per_tok=4,
-                 moe_intermediate_size=16),
+    "wide": _WIDE,
+    "tiny_moe": dict(mlp_only_layers=[]),
+    "wide_moe": dict(_WIDE, mlp_only_layers=[]),
 }
 
 

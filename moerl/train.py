@@ -457,7 +457,8 @@ def setup(cfg: Config) -> tuple[Run, int]:
                                     min_p=r.min_p, max_new_tokens=r.max_new_tokens,
                                     stop_token_ids=(task.tokenizer.eos_id,))
         rollout = RolloutManager(
-            builtin=r.server == "builtin", url=r.url, api_key=r.api_key,
+            builtin=r.server == "builtin", local_sglang=r.server == "sglang", url=r.url,
+            api_key=r.api_key,
             engine_dtype=r.engine_dtype, concurrency=r.concurrency, timeout_s=r.timeout_s,
             max_retries=r.max_retries, seed=r.seed, sampling=sampling,
             layout=MoeLayout.from_hf_config(hf_config), return_routes=True,

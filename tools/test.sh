@@ -30,7 +30,16 @@ run_pytest() {
 }
 
 launch/setup.sh
-run_pytest .venv "$@" || failed=1
+# A real SGLang server's CPU environment and the tests that run it (marker `sglang`; README:
+# time and disk); MOERL_SKIP_SGLANG=1 skips both.
+main_marker=()
+if [ "${MOERL_SKIP_SGLANG:-0}" = 1 ]; then
+  main_marker=(-m "not sglang")
+else
+  launch/setup_sglang.sh
+  export MOERL_REQUIRE_SGLANG=1
+fi
+run_pytest .venv ${main_marker[@]+"${main_marker[@]}"} "$@" || failed=1
 
 if [ "${MOERL_TEST_COMPAT:-1}" = "0" ]; then
   echo "tools/test.sh: MOERL_TEST_COMPAT=0: megatron-core 0.16.1 compatibility tests skipped"

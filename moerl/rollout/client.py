@@ -12,9 +12,12 @@ prompt), at most ``concurrency`` in flight, and returns ``list[moerl.batch.Sampl
 - HTTP 4xx and malformed responses (:class:`moerl.rollout.protocol.WireFormatError`) are not
   retried: they are bugs or bad requests and raise with the server's message.
 
-Without a ``seed`` the group is one request with ``sampling_params.n``; with a seed, each sample
-gets its own ``sampling_seed`` (derived from ``seed``, group and sample index), sent as a batch
-of ``n`` copies of the prompt, because SGLang gives every copy of an ``n`` request the same seed.
+A group is sent as one batch request of ``n`` copies of the prompt, one sample each, never with
+SGLang's ``sampling_params.n``: SGLang gives every copy of an ``n`` request the same seed, and
+answers ``n > 1`` with ``return_sampling_mask`` with HTTP 500. With a ``seed``, each sample gets
+its own ``sampling_seed`` (derived from ``seed``, group and sample index). SGLang honours
+``sampling_seed`` only when started with ``--enable-deterministic-inference`` (GPU only); without
+it seeded samples are not reproducible, while exactly-once delivery still holds.
 
 Route and mask validation needs the model's :class:`MoeLayout`: pass ``layout`` (for SGLang,
 ``MoeLayout.from_hf_config(model_dir)``), or leave it ``None`` and the client reads it from the
@@ -35,7 +38,7 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
-from typing import Any, Awaitable, Mapping, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
 import aiohttp
 
@@ -105,7 +108,8 @@ class RolloutClient:
 
     def __init__(self, base_url: str, *, api_key: str | None = None, concurrency: int = 32,
                  timeout_s: float = 600.0, retry: RetryPolicy = RetryPolicy(),
-                 layout: MoeLayout | None = None, wire_format: str = "auto"):
+                 layout: MoeLayout | None = None, wire_format: str = "auto",
+                 server_ready: Callable[[], Awaitable[None]] | None = None):
         if wire_format not in ("auto", "sglang", "compact"):
             raise ValueError(f"wire_format must be auto, sglang or compact, got {wire_format!r}")
         if concurrency < 1:
@@ -117,6 +121,9 @@ class RolloutClient:
         self.retry = retry
         self.layout = layout
         self.wire_format = wire_format
+        # Awaited before each retry of a group: a manager that is restarting the server makes
+        # retries wait for it instead of spending their attempts on a server still starting.
+        self.server_ready = server_ready
         self._server_info: dict | None = None
 
     # ------------------------------------------------------------------ HTTP plumbing
@@ -184,6 +191,10 @@ class RolloutClient:
         self._server_info = info
         return info
 
+    async def server_info(self) -> dict:
+        """SGLang's ``/server_info`` (its resolved launch settings)."""
+        return await self._call("GET", "/server_info", retry=True)
+
     async def weight_version(self) -> str:
         return str((await self.model_info()).get("weight_version"))
 
@@ -247,12 +258,14 @@ class RolloutClient:
     def _group_body(self, prompt: list[int], *, group_index: int, n: int, sp: dict,
                     seed: int | None, compact: bool, return_routes: bool,
                     return_mask: bool) -> dict:
-        if seed is None:
-            body: dict[str, Any] = {"input_ids": prompt, "sampling_params": {**sp, "n": n}}
-        else:
-            body = {"input_ids": [prompt] * n, "sampling_params": [
-                {**sp, "n": 1, "sampling_seed": derive_seed(seed, group_index, j)}
-                for j in range(n)]}
+        # Never SGLang's n: it gives every copy the same seed, and n > 1 with
+        # return_sampling_mask answers HTTP 500 in SGLang 0.5.23 (its parallel-sampling warm-up
+        # copies the request with max_new_tokens=0). A batch of n one-sample requests instead.
+        params = [{**sp, "n": 1} if seed is None else
+                  {**sp, "n": 1, "sampling_seed": derive_seed(seed, group_index, j)}
+                  for j in range(n)]
+        body: dict[str, Any] = ({"input_ids": prompt, "sampling_params": params[0]} if n == 1
+                                else {"input_ids": [prompt] * n, "sampling_params": params})
         body.update(return_logprob=True, return_routed_experts=return_routes,
                     return_sampling_mask=return_mask)
         if compact:
@@ -278,6 +291,8 @@ class RolloutClient:
                 last = e
             if attempt + 1 < self.retry.max_attempts:
                 await asyncio.sleep(self.retry.backoff_s(attempt))
+                if self.server_ready is not None:
+                    await self.server_ready()
         raise RolloutError(f"group {group_index}: /generate failed after "
                            f"{self.retry.max_attempts} attempts: {last!r}") from last
 

@@ -1,0 +1,57 @@
+"""What the trainer checks about a real SGLang 0.5.23 server before training against it.
+
+Both facts were measured against a running server (``tests/test_sglang_server.py``):
+
+- SGLang 0.5.23 builds **every** Qwen2-MoE/Qwen3-MoE layer as MoE and ignores ``mlp_only_layers``
+  (``models/qwen3_moe.py``: "all layers are sparse"), so a checkpoint with dense layers is served
+  with uninitialised routers and experts there: garbage routes, log-probs off by ~0.04 in fp32,
+  NaN in bf16. :func:`check_model_servable` refuses that pairing at start-up.
+- ``sampling_seed`` is ignored unless the server runs with ``--enable-deterministic-inference``
+  (``sampling/sampling_batch_info.py``), which needs a GPU attention backend.
+  :func:`seeds_honoured` reads that from ``/server_info``; without it, moerl's exactly-once
+  delivery of groups still holds (a group is recorded only from one complete response), but
+  samples are not reproducible: a resumed run, or a group retried after a server restart, gets
+  other samples than an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from moerl.rollout.protocol import MoeLayout
+
+# Model types whose SGLang 0.5.23 implementation makes every layer MoE.
+ALL_MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
+
+
+class UnservableModelError(RuntimeError):
+    """The rollout server cannot serve this checkpoint correctly; the message says what to do."""
+
+
+def is_sglang(model_info: Any) -> bool:
+    """True for SGLang's ``/model_info`` (moerl's built-in server adds a ``moerl`` section)."""
+    return isinstance(model_info, Mapping) and "moerl" not in model_info
+
+
+def check_model_servable(model_info: Mapping, layout: MoeLayout) -> None:
+    """Raise :class:`UnservableModelError` if SGLang would serve this checkpoint wrongly."""
+    model_type = model_info.get("model_type")
+    if model_type in ALL_MOE_MODEL_TYPES and layout.dense_layers:
+        raise UnservableModelError(
+            f"SGLang 0.5.23 builds every {model_type} layer as MoE and ignores mlp_only_layers, "
+            f"so this checkpoint's dense layers {list(layout.dense_layers)} would be served with "
+            f"uninitialised routers and experts (wrong log-probs and routes). Use a checkpoint "
+            f"without dense layers (released Qwen3-MoE models have none; for the tiny model: "
+            f"python -m moerl.warmstart --variant tiny_moe), or rollout.server=builtin.")
+
+
+def seeds_honoured(server_info: Mapping) -> bool:
+    """Whether SGLang applies ``sampling_seed`` (``--enable-deterministic-inference``)."""
+    return bool(server_info.get("enable_deterministic_inference"))
+
+
+SEEDS_IGNORED_WARNING = (
+    "the SGLang server ignores sampling_seed (it runs without --enable-deterministic-inference, "
+    "which needs a GPU attention backend): every group is still delivered exactly once, but "
+    "samples are not reproducible, so a resumed run or a retried group gets other samples than "
+    "an uninterrupted run would have")

@@ -1,0 +1,172 @@
+"""A local SGLang 0.5.23 server, started through ``launch/sglang_server.sh``: for
+``rollout.server: sglang`` and for the tests that run the real server.
+
+The server runs in SGLang's own environment (``launch/setup_sglang.sh`` builds ``.venv-sglang``
+on a CPU machine; ``$MOERL_SGLANG_PYTHON`` names another interpreter, e.g. a GPU install of
+``moerl[sglang]``). Lifecycle:
+
+- ``launch_sglang`` starts a small guard process (this module's ``main``, stdlib only) in its own
+  process group; the guard runs the launch script, which ``exec``s SGLang, so SGLang and its
+  scheduler/detokenizer children share that group. The guard stops the group when it gets SIGTERM
+  or when the process that launched it dies, so the server exits with the trainer.
+- ``launch_sglang`` returns once ``/health`` answers 200 (SGLang warms up before that), or raises
+  with the log's tail if the server exits or does not become healthy in time.
+- ``SGLangServer.stop`` is SIGTERM to the guard (by its PID) and a wait; ``kill`` is SIGKILL to
+  the whole group (a crash, for tests and for a restart after a hang).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH_SCRIPT = REPO / "launch" / "sglang_server.sh"
+PYTHON_ENV = "MOERL_SGLANG_PYTHON"
+API_KEY_ENV = "MOERL_ROLLOUT_API_KEY"
+_STOP_GRACE_S = 30.0
+
+
+def sglang_python() -> Path:
+    """The interpreter that runs SGLang: ``$MOERL_SGLANG_PYTHON``, else ``.venv-sglang``."""
+    path = Path(os.environ.get(PYTHON_ENV) or REPO / ".venv-sglang" / "bin" / "python")
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no SGLang interpreter at {path}: run launch/setup_sglang.sh (CPU) or point "
+            f"${PYTHON_ENV} at a python with sglang==0.5.23 installed")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class SGLangServer:
+    """A running local SGLang server (see the module docstring)."""
+
+    process: subprocess.Popen  # the guard; its process group holds SGLang
+    port: int
+    api_key: str | None
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM to the guard, which stops SGLang; SIGKILL to the group if that hangs."""
+        if self.alive():
+            self.process.terminate()
+            try:
+                self.process.wait(_STOP_GRACE_S + 10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._reap_group()
+
+    def kill(self) -> None:
+        """SIGKILL to the guard and SGLang at once (a crash)."""
+        self._reap_group()
+        self.process.wait()
+
+    def _reap_group(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def log_tail(self, num_bytes: int = 6000) -> str:
+        try:
+            return self.log_path.read_bytes()[-num_bytes:].decode(errors="replace")
+        except OSError:
+            return ""
+
+
+def launch_sglang(model: str | Path, *, port: int = 0, dtype: str = "float32",
+                  api_key: str | None = None, device: str = "auto",
+                  weight_version: str = "default", log_path: str | Path | None = None,
+                  startup_timeout_s: float = 600.0, extra_args: tuple[str, ...] = (),
+                  env: dict[str, str] | None = None) -> SGLangServer:
+    """Start SGLang on ``model`` and wait until it is healthy (see the module docstring).
+
+    ``port=0`` picks a free port. ``env`` adds variables for the launch script (``TP``,
+    ``SAMPLING_MASK_MAX_TOKENS``, ``DETERMINISTIC``, ...). The API key travels in the environment.
+    """
+    python = sglang_python()
+    port = port or free_port()
+    log_path = Path(log_path) if log_path else Path(
+        tempfile.mkdtemp(prefix="moerl-sglang-")) / "server.log"
+    full_env = {**os.environ, **(env or {}), "MODEL": str(model), "PORT": str(port),
+                "DTYPE": dtype, "DEVICE": device, "PYTHON": str(python),
+                "WEIGHT_VERSION": weight_version}
+    full_env.pop(API_KEY_ENV, None)
+    if api_key:
+        full_env[API_KEY_ENV] = api_key
+    cmd = [sys.executable, "-m", "moerl.rollout.sglang_local", str(os.getpid()), "bash",
+           str(LAUNCH_SCRIPT), *extra_args]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env,
+                                   start_new_session=True, cwd=REPO)
+    server = SGLangServer(process=process, port=port, api_key=api_key, log_path=log_path)
+    try:
+        _wait_healthy(server, startup_timeout_s)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _wait_healthy(server: SGLangServer, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise RuntimeError(f"SGLang exited with code {server.process.returncode} during "
+                               f"start-up (log {server.log_path}):\n{server.log_tail()}")
+        try:
+            with urllib.request.urlopen(server.url + "/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"SGLang not healthy after {timeout_s:.0f} s (log {server.log_path}):\n"
+                       f"{server.log_tail()}")
+
+
+# ------------------------------------------------------------------ the guard process
+
+
+def _guard(parent_pid: int, cmd: list[str]) -> int:
+    """Run ``cmd`` in this process group; stop it on SIGTERM or when ``parent_pid`` dies."""
+    child = subprocess.Popen(cmd)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    while child.poll() is None and not stopping and os.getppid() == parent_pid:
+        time.sleep(0.5)
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+    code = child.returncode
+    os.killpg(0, signal.SIGKILL)  # whatever SGLang left in the group, and this guard
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(_guard(int(sys.argv[1]), sys.argv[2:]))
