@@ -80,6 +80,12 @@ class RolloutConfig:
     server, or a moerl server started separately)."""
     url: str = ""
     """Base URL of an external rollout server, e.g. http://10.0.0.5:30000."""
+    urls: str = ""
+    """External rollout fleet: comma-separated base URLs of several servers (instead of
+    ``url``). Groups go to the server with the least outstanding work, a group's n samples to
+    one server; weight pushes go to all of them in one weight-update group."""
+    num_servers: int = 1
+    """builtin: how many built-in servers to start on this machine (a fleet, as ``urls``)."""
     api_key: str = ""
     """API key for the server's mutating endpoints (builtin: generated if empty)."""
     engine_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -523,8 +529,19 @@ def validate(config: Config) -> None:
         problems.append("--keep-sampling-mask needs a truncating sampler, but rollout.top_p=1, "
                         "top_k=-1 and min_p=0 keep the whole vocabulary: set e.g. "
                         "--set rollout.top_p=0.9 or --set rollout.top_k=50, or drop the flag")
-    if r.server == "external" and not r.url:
-        problems.append("rollout.server=external needs rollout.url (e.g. http://host:30000)")
+    if r.server == "external" and not (r.url or r.urls):
+        problems.append("rollout.server=external needs rollout.url (e.g. http://host:30000) or "
+                        "rollout.urls (comma-separated, for a fleet)")
+    if r.url and r.urls:
+        problems.append("set rollout.url or rollout.urls, not both (urls lists every server)")
+    if r.server == "builtin" and r.urls:
+        problems.append("rollout.urls names external servers: set rollout.server=external, or "
+                        "use rollout.num_servers for built-in ones")
+    if r.num_servers < 1:
+        problems.append(f"rollout.num_servers={r.num_servers} must be >= 1")
+    if r.num_servers > 1 and r.server == "external":
+        problems.append("rollout.num_servers counts built-in servers; for external ones list "
+                        "them in rollout.urls")
     if r.engine_max_batch_size < 0:
         problems.append("rollout.engine_max_batch_size must be >= 0 (0: automatic)")
     if r.group_size < 1 or r.prompts_per_step < 1 or r.max_new_tokens < 1:

@@ -200,8 +200,11 @@ class CustomRollout:
         seed = None if greedy else hash_seed(manager.seed, step)
 
         async def one(g: int, j: int) -> Sample:
+            # Every turn of a group's samples goes to one server (its prefix cache, its routes);
+            # groups are spread over a fleet's servers in turn.
+            client = manager.clients[(group_offset + g) % len(manager.clients)]
             session = RolloutSession(
-                client=manager.client, prompt_ids=list(prompts[g].ids), tokenizer=self.tokenizer,
+                client=client, prompt_ids=list(prompts[g].ids), tokenizer=self.tokenizer,
                 sampling_params=manager.sampling.params(greedy=greedy), seed=seed,
                 group_index=group_offset + g, sample_index=j,
                 max_new_tokens=manager.sampling.max_new_tokens,

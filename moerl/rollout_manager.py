@@ -1,15 +1,22 @@
-"""Trainer rank 0's side of the rollout: the server's lifecycle, generation, weight pushes.
+"""Trainer rank 0's side of the rollout: the servers' lifecycle, generation, weight pushes.
 
-With ``rollout.server=builtin`` the manager starts moerl's server as a subprocess, with
-``rollout.server=sglang`` a local SGLang server (``launch/sglang_server.sh`` through
-``moerl.rollout.sglang_local``), and restarts it if it dies: a restarted server loads the last
+One server or a fleet: ``num_servers`` built-in servers on this machine, or the external servers
+at ``urls``. Generation spreads groups over the servers by least outstanding work
+(``moerl.rollout.fleet``); every weight push goes to all servers in one weight-update group
+(trainer rank 0 plus each server at its rank offset), and every server's weight version is
+checked after it. A server that fails mid-step loses no sample: its groups go to the others.
+
+With ``rollout.server=builtin`` the manager starts moerl's servers as subprocesses, with
+``rollout.server=sglang`` local SGLang servers (``launch/sglang_server.sh`` through
+``moerl.rollout.sglang_local``), and restarts one that dies: a restarted server loads the last
 weights that were pushed (kept on disk in the run directory for exactly that), under the same
 weight version, so requests the client retries after the restart are served by the same policy
-and no sample is lost or changes meaning. Either server exits with the trainer. With an
-external server, restarts are the operator's; the client's retries ride them out, and a server
-that comes back with other weights is caught by the weight-version check. Against any SGLang
-server the start-up refuses a checkpoint SGLang would serve wrongly and says whether per-sample
-seeds are honoured (``moerl.rollout.sglang``).
+and no sample is lost or changes meaning. Managed servers exit with the trainer. With external
+servers, restarts are the operator's: the fleet drops a failed external server with a warning,
+and takes it back with the next weight push (which brings it to the current weights) once it
+answers ``/health`` again; a server that comes back with other weights is caught by the
+weight-version check. Against any SGLang server the start-up refuses a checkpoint SGLang would
+serve wrongly and says whether per-sample seeds are honoured (``moerl.rollout.sglang``).
 
 Sampling seeds are a function of ``(rollout.seed, step, group, sample)``, so a resumed run asks
 for exactly the samples an uninterrupted one would have; the built-in server honours them, SGLang
@@ -31,6 +38,7 @@ import torch
 
 from moerl.batch import Sample
 from moerl.rollout.client import RetryPolicy, RolloutClient, RolloutError, run_sync
+from moerl.rollout.fleet import Fleet
 from moerl.rollout.protocol import MoeLayout, WireFormatError
 from moerl.rollout.server import ServerHandle, launch_server
 from moerl.rollout.sglang import (SEEDS_IGNORED_WARNING, check_model_servable, is_sglang,
@@ -74,10 +82,12 @@ class RolloutManager:
                  sampling: SamplingSettings, layout: MoeLayout, return_routes: bool,
                  require_routes: bool, return_mask: bool, require_mask: bool, sync_method: str,
                  bucket_mb: int, sync_address: str, sync_port: int, run_dir: Path,
-                 hf_config_dir: str, max_batch_size: int = 64, local_sglang: bool = False):
-        self.builtin, self.url, self.api_key = builtin, url, api_key or None
-        self.local_sglang = local_sglang
-        self.managed = builtin or local_sglang  # the manager starts and restarts the server
+                 hf_config_dir: str, max_batch_size: int = 64, num_servers: int = 1,
+                 urls: tuple[str, ...] = (), local_sglang: bool = False):
+        self.builtin, self.local_sglang, self.api_key = builtin, local_sglang, api_key or None
+        self.managed = builtin or local_sglang  # the manager starts and restarts the servers
+        self.urls = [] if self.managed else list(urls or (url,))
+        self.num_servers = num_servers if self.managed else len(self.urls)
         self.engine_dtype, self.seed, self.sampling = engine_dtype, seed, sampling
         self.layout, self.return_routes, self.return_mask = layout, return_routes, return_mask
         self.require_routes, self.require_mask = require_routes, require_mask
@@ -89,56 +99,67 @@ class RolloutManager:
         self.concurrency, self.timeout_s = concurrency, timeout_s
         self.retry = RetryPolicy(max_attempts=max_retries + 1)  # the first try, then retries
         self.max_batch_size = max_batch_size
-        self.server: ServerHandle | SGLangServer | None = None
-        self._serving = threading.Event()  # cleared while the server is being restarted
+        self.servers: list[ServerHandle | SGLangServer] = []  # managed servers, one per client
+        self._serving = threading.Event()  # cleared while a managed server is being restarted
         self._serving.set()
         self.seeds_honoured = True  # False: an SGLang server without deterministic inference
-        self.client: RolloutClient | None = None
+        self.clients: list[RolloutClient] = []
+        self.fleet: Fleet | None = None
+        self._behind: set[int] = set()  # external servers down since a push: not at the weights
         self._sync: DistributedWeightSync | None = None
+        self._sync_members: list[int] = []
         self.version = ""
         self.restarts = 0
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, weights_dir: str | Path, version: str) -> None:
-        """Start the built-in or a local SGLang server on ``weights_dir`` as ``version``, or
-        connect to an external one (whose own version stands until the trainer's first push)."""
+        """Start the managed servers (built-in or local SGLang) on ``weights_dir`` as
+        ``version``, or connect to external ones (whose own version stands until the trainer's
+        first weight push)."""
         self.version = version
-        if self.managed:
-            self._launch(weights_dir, port=0)
-        self.client = RolloutClient(self.url, api_key=self.api_key, concurrency=self.concurrency,
-                                    timeout_s=self.timeout_s, retry=self.retry,
-                                    layout=self.layout, server_ready=self._wait_serving)
         try:
+            if self.managed:
+                for i in range(self.num_servers):
+                    self.servers.append(self._launch(weights_dir, port=0, index=i))
+                self.urls = [server.url for server in self.servers]
+            self.clients = [RolloutClient(url, api_key=self.api_key, concurrency=self.concurrency,
+                                          timeout_s=self.timeout_s, retry=self.retry,
+                                          layout=self.layout, server_ready=self._wait_serving)
+                            for url in self.urls]
+            self.fleet = Fleet(self.clients, on_down=self._on_down)
             if not self.managed:
-                self.version = run_sync(self.client.weight_version())  # replaced by the push
-            self._check_sglang()
-            self._probe()
+                # Replaced by the first push, which the trainer makes before any rollout.
+                self.version = run_sync(self.clients[0].weight_version())
+            for client in self.clients:
+                self._check_sglang(client)
+                self._probe(client)
         except BaseException:
             self.close()
             raise
 
-    def _check_sglang(self) -> None:
+    def _check_sglang(self, client: RolloutClient) -> None:
         """Against SGLang: refuse a checkpoint it serves wrongly; say whether seeds hold."""
-        info = run_sync(self.client.model_info())
+        info = run_sync(client.model_info())
         if not is_sglang(info):
             return
         check_model_servable(info, self.layout)
-        self.seeds_honoured = seeds_honoured(run_sync(self.client.server_info()))
-        if not self.seeds_honoured:
-            log.warning(SEEDS_IGNORED_WARNING)
+        if not seeds_honoured(run_sync(client.server_info())):
+            if self.seeds_honoured:
+                log.warning(SEEDS_IGNORED_WARNING)
+            self.seeds_honoured = False
 
-    def _probe(self) -> None:
+    def _probe(self, client: RolloutClient) -> None:
         """Short requests before any training work: a server that cannot return what the run
         needs fails the run now, with the client's explanation. Extras only wanted for telemetry
         (routes without keep-routing, masks without keep-sampling-mask) are switched off with a
         warning instead."""
-        self._probe_once(routes=False, mask=False)  # reachable and generating at all
+        self._probe_once(client, routes=False, mask=False)  # reachable and generating at all
         for want in ("routes", "mask"):
             if not getattr(self, f"return_{want}"):
                 continue
             try:
-                self._probe_once(routes=want == "routes", mask=want == "mask")
+                self._probe_once(client, routes=want == "routes", mask=want == "mask")
             except (RolloutError, WireFormatError) as err:
                 if getattr(self, f"require_{want}"):
                     raise RuntimeError(f"the rollout server cannot serve this run: {err}") from err
@@ -146,38 +167,34 @@ class RolloutManager:
                             "them; %s", want, err, _WITHOUT[want])
                 setattr(self, f"return_{want}", False)
 
-    def _probe_once(self, *, routes: bool, mask: bool) -> None:
-        run_sync(self.client.generate(
+    def _probe_once(self, client: RolloutClient, *, routes: bool, mask: bool) -> None:
+        run_sync(client.generate(
             [[0, 1]], n=1, sampling_params={**self.sampling.params(), "max_new_tokens": 1},
             return_routes=routes, return_sampling_mask=mask))
 
-    def _launch(self, weights_dir: str | Path, *, port: int) -> None:
-        log_path = self.weights_dir.parent / "rollout_server.log"
+    def _launch(self, weights_dir: str | Path, *, port: int,
+                index: int) -> ServerHandle | SGLangServer:
+        log_path = self.weights_dir.parent / (
+            "rollout_server.log" if index == 0 else f"rollout_server_{index}.log")
         if self.local_sglang:
             self.api_key = self.api_key or secrets.token_hex(16)
-            self.server = launch_sglang(weights_dir, port=port, dtype=self.engine_dtype,
-                                        api_key=self.api_key, weight_version=self.version,
-                                        log_path=log_path)
-            self.url = self.server.url
-            if self.client is not None:
-                self.client.base_url = self.url
-            return
-        self.server = launch_server(
+            return launch_sglang(weights_dir, port=port, dtype=self.engine_dtype,
+                                 api_key=self.api_key, weight_version=self.version,
+                                 log_path=log_path)
+        server = launch_server(
             weights_dir, port=port, api_key=self.api_key or "auto", dtype=self.engine_dtype,
             seed=self.seed, max_batch_size=self.max_batch_size,
-            extra_args=("--weight-version", self.version), num_threads=1,
-            log_path=log_path)
-        self.api_key, self.url = self.server.api_key, self.server.url
-        if self.client is not None:
-            self.client.base_url = self.url
+            extra_args=("--weight-version", self.version), num_threads=1, log_path=log_path)
+        self.api_key = server.api_key  # generated by the first, shared by the others
+        return server
 
     def close(self) -> None:
         if self._sync is not None:
             self._sync.close()
             self._sync = None
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+        for server in self.servers:
+            server.stop()
+        self.servers = []
 
     # ------------------------------------------------------------------ generation
 
@@ -185,16 +202,17 @@ class RolloutManager:
                  greedy: bool = False) -> list[Sample]:
         """``n`` samples per prompt from the current policy; restarts a dead builtin server."""
         params = self.sampling.params(greedy=greedy)
-        coro = self.client.generate(
-            prompt_ids, n=n, sampling_params=params, seed=None if greedy else hash_seed(
-                self.seed, step), return_routes=self.return_routes and not greedy,
+        coro = self.fleet.generate(
+            prompt_ids, n=n, sampling_params=params, max_new_tokens=params["max_new_tokens"],
+            seed=None if greedy else hash_seed(self.seed, step),
+            return_routes=self.return_routes and not greedy,
             return_sampling_mask=self.return_mask and not greedy,
             group_index_offset=group_offset)
         return self.run(coro)
 
     def run(self, coro) -> list[Sample]:
-        """The samples of ``coro`` (a generation over ``self.client``, e.g. a custom rollout),
-        under the dead-server watchdog and the weight-version check."""
+        """The samples of ``coro`` (a generation over the clients, e.g. a custom rollout), under
+        the dead-server watchdog and the weight-version check."""
         samples = run_sync(self._with_watchdog(coro))
         stale = {s.weight_version for s in samples} - {self.version}
         if stale:
@@ -203,46 +221,68 @@ class RolloutManager:
         return samples
 
     async def _with_watchdog(self, coro):
-        """Run ``coro``; meanwhile, if the server this manager started dies, restart it on its
-        port with the last pushed weights so the client's retries land on the same policy."""
+        """Run ``coro``; meanwhile, if a managed server process dies, restart it on its port
+        with the last pushed weights so the retried groups land on the same policy."""
         task = asyncio.ensure_future(coro)
         while not task.done():
             await asyncio.wait([task], timeout=0.5)
-            if self.managed and self.server.process.poll() is not None:
-                self.restarts += 1
-                log.warning("rollout server died (exit %s); restarting it on port %d with "
-                            "weights %s (restart #%d)", self.server.process.returncode,
-                            self.server.port, self.version, self.restarts)
-                await asyncio.to_thread(self._restart)
+            for i, server in enumerate(self.servers):
+                if server.process.poll() is not None:
+                    self.restarts += 1
+                    log.warning("rollout server %d died (exit %s); restarting it on port %d with "
+                                "weights %s (restart #%d)", i, server.process.returncode,
+                                server.port, self.version, self.restarts)
+                    await asyncio.to_thread(self._restart, i)
         return task.result()
 
-    def _restart(self) -> None:
+    def _restart(self, index: int) -> None:
+        """Relaunch managed server ``index`` on its port at the last pushed weights."""
         if self._sync is not None:
             self._sync.broken = True  # the server side of the group died with the process
         weights = self.weights_dir if (self.weights_dir / "config.json").exists() else (
             self.hf_config_dir)
         self._serving.clear()
         try:
-            self._launch(weights, port=self.server.port)
+            self.servers[index] = self._launch(weights, port=self.servers[index].port,
+                                               index=index)
         finally:
             self._serving.set()
+        self.fleet.mark_up(index)
 
     async def _wait_serving(self) -> None:
         if not self._serving.is_set():
             await asyncio.to_thread(self._serving.wait)
 
+    def _on_down(self, index: int, why: str) -> None:
+        """The fleet gave up on server ``index`` for this step (its groups went elsewhere)."""
+        if not self.managed:
+            self._behind.add(index)  # back only through a weight push (see _members)
+
+    def _members(self) -> list[int]:
+        """Servers a weight push goes to: every managed one (a dead one is restarted); the
+        external ones that are up, and those that were dropped but answer /health again."""
+        if self.managed:
+            return list(range(len(self.clients)))
+        back = {i for i in self._behind if run_sync(self.clients[i].health())}
+        for i in sorted(back):
+            log.warning("rollout server %s answers again: it rejoins with this weight push",
+                        self.clients[i].base_url)
+        return [i for i in range(len(self.clients)) if self.fleet.up[i] or i in back]
+
     # ------------------------------------------------------------------ weights
 
     def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
                      version: str) -> None:
-        """Send the trainer's weights (HF names) and make ``version`` current on the server.
+        """Send the trainer's weights (HF names) to every server and make ``version`` current.
 
-        For a server this manager started the tensors are written to ``weights_dir`` first: that
-        copy is what a restarted server loads, so a server that dies during the push is simply
-        restarted with the new weights.
+        For managed servers the tensors are written to ``weights_dir`` first: that copy is what
+        a restarted server loads, so a server that dies during the push is simply restarted with
+        the new weights, and the survivors of a broken broadcast load the same copy from disk.
         """
+        members = self._members()
+        clients = [self.clients[i] for i in members]
         if self.sync_method == "disk":
-            update_weights_from_disk([self.client], named_tensors, out_dir=self.weights_dir,
+            update_weights_from_disk(clients, named_tensors, out_dir=self.weights_dir,
                                      weight_version=version, config_dir=self.hf_config_dir)
         else:
             if self.managed:
@@ -250,28 +290,47 @@ class RolloutManager:
                 write_hf_checkpoint(named_tensors, self.weights_dir,
                                     config_dir=self.hf_config_dir)
             try:
-                self._push_distributed(named_tensors, version)
+                self._push_distributed(named_tensors, version, members)
             except (RolloutError, WeightSyncError, OSError):
-                if not (self.managed and self.server.process.poll() is not None):
+                dead = [i for i, server in enumerate(self.servers)
+                        if server.process.poll() is not None]
+                if not dead:
                     raise
-                self.restarts += 1
-                log.warning("rollout server died during the weight push; restarting it with "
-                            "the new weights %s (restart #%d)", version, self.restarts)
-                self.version = version
-                self._restart()
-        served = run_sync(self.client.weight_version())
-        if served != version:
-            raise RuntimeError(f"after the weight push the server reports version {served!r}, "
-                               f"expected {version!r}")
+                self._recover_push(named_tensors, version, dead)
+        for i, client in zip(members, clients):
+            served = run_sync(client.weight_version())
+            if served != version:
+                raise RuntimeError(f"after the weight push the server {client.base_url} reports "
+                                   f"version {served!r}, expected {version!r}")
+            self.fleet.mark_up(i)
+            self._behind.discard(i)
         self.version = version
 
-    def _push_distributed(self, named_tensors, version: str) -> None:
-        if self._sync is None or self._sync.broken:
+    def _recover_push(self, named_tensors, version: str, dead: list[int]) -> None:
+        """A managed server died during the broadcast: restart it on the new weights; the
+        others may hold part of the broadcast, so they load the same weights from disk."""
+        self.version = version
+        for i in dead:
+            self.restarts += 1
+            log.warning("rollout server %d died during the weight push; restarting it with the "
+                        "new weights %s (restart #%d)", i, version, self.restarts)
+            self._restart(i)
+        alive = [c for i, c in enumerate(self.clients) if i not in dead]
+        if alive:
+            update_weights_from_disk(alive, named_tensors, out_dir=self.weights_dir,
+                                     weight_version=version, config_dir=self.hf_config_dir)
+
+    def _push_distributed(self, named_tensors, version: str, members: list[int]) -> None:
+        """One weight-update group of trainer rank 0 and every member server (SGLang's rank
+        offsets); rebuilt when it broke or the members changed."""
+        if self._sync is None or self._sync.broken or self._sync_members != members:
             if self._sync is not None:
                 self._sync.close()
-            self._sync = DistributedWeightSync([self.client], master_address=self.sync_address,
+            self._sync = DistributedWeightSync([self.clients[i] for i in members],
+                                               master_address=self.sync_address,
                                                master_port=self.sync_port)
             self._sync.init()
+            self._sync_members = members
         self._sync.push(named_tensors, weight_version=version, bucket_bytes=self.bucket_bytes)
 
 

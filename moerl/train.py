@@ -202,6 +202,7 @@ def _collect_samples(run: Run, step: int) -> tuple[list[Sample], dict]:
         "dynamic_sampling/refill_rounds": rounds,
         "dynamic_sampling/kept_frac": len(samples) / len(all_scores),
         "rollout/server_restarts": run.rollout.restarts,
+        "rollout/servers_up": sum(run.rollout.fleet.up),
         "rollout/num_samples": len(samples),
         **merge_metrics(reward_metrics),
     }
@@ -471,7 +472,9 @@ def setup(cfg: Config) -> tuple[Run, int]:
             sync_method=cfg.weight_sync.method, bucket_mb=cfg.weight_sync.bucket_mb,
             sync_address=cfg.weight_sync.master_address, sync_port=cfg.weight_sync.master_port,
             run_dir=out_dir, hf_config_dir=str(hf_path),
-            max_batch_size=r.engine_max_batch_size or min(256, r.prompts_per_step * r.group_size))
+            max_batch_size=r.engine_max_batch_size or min(256, r.prompts_per_step * r.group_size),
+            num_servers=r.num_servers,
+            urls=tuple(u.strip() for u in r.urls.split(",") if u.strip()))
         rollout.start(hf_path, version="step-0")
     telemetry = Telemetry(out_dir, total_steps=tr.steps, start_step=start_step,
                           tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,

@@ -2,6 +2,7 @@
 
     python tools/bench_rollout.py [--model DIR | --size tiny|small] [--batch 32]
                                   [--max-new-tokens 128] [--repeats 3] [--threads 1]
+    python tools/bench_rollout.py --fleet [same options]
 
 Prints one JSON object:
 
@@ -20,6 +21,12 @@ Prints one JSON object:
   varint-delta form), beside the raw information: ``L_moe * K * log2(E)`` bits per routed
   position, ``log2(C(V, k))`` bits for a kept set of size k. Routes cover prompt and response
   (``P + R - 1`` positions), so per generated token they include the prompt's share.
+
+With ``--fleet``: generated tokens per second through ``moerl.rollout.fleet.Fleet`` with one
+built-in server vs two (each its own process with ``--threads`` threads; ``--batch`` groups of 4
+samples, routes and masks on, alternating the two set-ups over ``--repeats`` runs), and
+``ratio_2_vs_1`` of the medians. On a machine with fewer free cores than servers the ratio
+stays near 1.
 """
 
 from __future__ import annotations
@@ -141,6 +148,43 @@ def wire_sizes(url: str, api_key: str | None, prompts, sp, max_new, layout) -> d
     }
 
 
+def fleet_main(args, model_dir) -> None:
+    """1 vs 2 built-in servers behind a Fleet (see the module docstring)."""
+    from moerl.rollout.client import RolloutClient, run_sync
+    from moerl.rollout.fleet import Fleet
+    from moerl.rollout.server import launch_server
+
+    servers = [launch_server(model_dir, num_threads=args.threads, max_batch_size=args.batch,
+                             extra_args=("--prompt-cache-mb", "0")) for _ in range(2)]
+    clients = [RolloutClient(s.url, api_key=s.api_key, concurrency=args.batch) for s in servers]
+    prompts = make_prompts(args.batch, int(json.loads(
+        (Path(model_dir) / "config.json").read_text())["vocab_size"]), seed=0)
+    sp = {"temperature": 1.0, "top_k": args.top_k, "top_p": args.top_p,
+          "max_new_tokens": args.max_new_tokens, "ignore_eos": True}
+
+    def run(num: int) -> int:
+        samples = run_sync(Fleet(clients[:num]).generate(
+            prompts, n=4, sampling_params=sp, max_new_tokens=args.max_new_tokens, seed=0))
+        return sum(len(s.response_ids) for s in samples)
+
+    try:
+        run(1), run(2)  # warm-up
+        runs = {1: [], 2: []}
+        for _ in range(args.repeats):
+            for num in (1, 2):
+                runs[num].append(timed(lambda: run(num)))
+    finally:
+        for server in servers:
+            server.stop()
+    rate = {num: statistics.median(r["tokens"] / r["wall_s"] for r in rs)
+            for num, rs in runs.items()}
+    print(json.dumps({"setup": {"model": str(model_dir), "groups": args.batch, "n": 4,
+                                "max_new_tokens": args.max_new_tokens, "threads": args.threads,
+                                "repeats": args.repeats},
+                      "tokens_per_s_wall": {"servers_1": rate[1], "servers_2": rate[2]},
+                      "ratio_2_vs_1": rate[2] / rate[1]}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="HF MoE checkpoint dir (default: create one of --size)")
@@ -151,6 +195,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--fleet", action="store_true", help="1 vs 2 built-in servers (a Fleet)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -165,6 +210,8 @@ def main() -> None:
 
     model_dir = args.model or create_tiny_hf_model(
         Path(tempfile.mkdtemp(prefix="bench-rollout-")), seed=0, **SIZES[args.size])
+    if args.fleet:
+        return fleet_main(args, model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     server = BackgroundServer(model_dir, api_key="bench", max_batch_size=args.batch,
                               prompt_cache_bytes=0)

@@ -169,7 +169,7 @@ def main() -> None:
             "host_collectives", [sys.executable, __file__, "--host-collectives-child"], out, 180)
     if not (warm / "config.json").exists():
         summary["warm_start"] = _result(
-            "warm_start", [sys.executable, "-m", "moerl.warmstart", "--out", str(warm)], out, 300)
+            "warm_start", [sys.executable, "-m", "moerl.warmstart", "--out", str(warm)], out, 480)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node=1", "tools/parity.py", "--hf", str(warm)]
     for dtype, flag in (("fp32", []), ("bf16", ["--bf16"])):
