@@ -25,7 +25,8 @@ That reproduces Megatron's published per-parameter costs (docs: distributed opti
 
 Rollout payload per RL step (prompts_per_step * group_size samples of P prompt + R response
 tokens): routes are int32 [P+R-1, num_hidden_layers, top_k] per sample, base64 in JSON on the
-wire (4/3 of the raw bytes) and int32 in host memory; sampling masks are one list of kept token
+wire (4/3 of the raw bytes) and int32 in host memory (``routes_host_smallest_MiB``: what the
+smallest integer type holding the expert ids would take, 1 byte up to 256 experts); sampling masks are one list of kept token
 ids per generated token (JSON digits on the wire, int32 CSR plus int64 offsets in host memory).
 """
 
@@ -46,20 +47,38 @@ from moerl.trainer.model import MoEArchitecture, architecture_from_hf  # noqa: E
 GiB = 2**30
 
 
+def _attention_per_layer(arch: MoEArchitecture) -> tuple[int, int]:
+    """(projection parameters, norm parameters) of one attention block: GQA or MLA."""
+    h = arch.hidden_size
+    if arch.mla is None:
+        hd = arch.head_dim
+        proj = h * (arch.num_heads + 2 * arch.num_kv_heads) * hd + arch.num_heads * hd * h
+        if arch.qkv_bias:
+            proj += (arch.num_heads + 2 * arch.num_kv_heads) * hd
+        return proj, (2 * hd if arch.qk_norm else 0)
+    m, heads = arch.mla, arch.num_heads
+    q_out = heads * (m.qk_nope_head_dim + m.qk_rope_head_dim)
+    q = h * q_out if m.q_lora_rank is None else h * m.q_lora_rank + m.q_lora_rank * q_out
+    kv = h * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * heads * (
+        m.qk_nope_head_dim + m.v_head_dim)
+    return q + kv + heads * m.v_head_dim * h, m.kv_lora_rank + (m.q_lora_rank or 0)
+
+
 def parameter_counts(arch: MoEArchitecture) -> dict[str, int]:
-    """Whole-model parameter counts by kind (HF tensors, no padding)."""
-    h, hd = arch.hidden_size, arch.head_dim
-    attn = h * (arch.num_heads + 2 * arch.num_kv_heads) * hd + arch.num_heads * hd * h
-    norms = 2 * h + (2 * hd if arch.qk_norm else 0)
+    """Whole-model parameter counts by kind (HF tensors, no padding, no MTP layers)."""
+    h = arch.hidden_size
+    attn, attn_norms = _attention_per_layer(arch)
     num_moe = sum(arch.moe_layers)
     num_dense = arch.num_layers - num_moe
     embed = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2)
+    router = arch.num_experts * (h + (1 if arch.router.expert_bias else 0))
     return {
         "embedding_and_head": embed,
         "attention": arch.num_layers * attn,
-        "norms": arch.num_layers * norms + h,
-        "routers": num_moe * arch.num_experts * h,
+        "norms": arch.num_layers * (2 * h + attn_norms) + h,
+        "routers": num_moe * (router + (h if arch.shared_expert_gate else 0)),
         "dense_mlp": num_dense * 3 * h * arch.dense_ffn,
+        "shared_experts": num_moe * 3 * h * arch.shared_expert_ffn,
         "experts": num_moe * arch.num_experts * 3 * h * arch.expert_ffn,
     }
 
@@ -74,8 +93,8 @@ def active_parameters(arch: MoEArchitecture) -> int:
 def per_gpu_parameters(arch: MoEArchitecture, *, tp: int, ep: int, etp: int) -> tuple[int, int]:
     """(dense, expert) parameters held by one GPU."""
     c = parameter_counts(arch)
-    dense = (c["embedding_and_head"] + c["attention"] + c["dense_mlp"]) / tp + c["norms"] + c[
-        "routers"]
+    dense = (c["embedding_and_head"] + c["attention"] + c["dense_mlp"] + c["shared_experts"]
+             ) / tp + c["norms"] + c["routers"]
     expert = c["experts"] / (ep * etp)
     return int(dense), int(expert)
 
@@ -115,6 +134,11 @@ def memory_per_gpu(arch: MoEArchitecture, *, tp: int, ep: int, etp: int, world: 
     return out
 
 
+def smallest_id_bytes(num_experts: int) -> int:
+    """Bytes of the smallest unsigned integer type holding ids ``0 .. num_experts - 1``."""
+    return next(b for b in (1, 2, 4) if num_experts <= 256 ** b)
+
+
 def rollout_payload(arch: MoEArchitecture, *, samples: int, prompt_len: int, response_len: int,
                     kept_ids: float) -> dict[str, float]:
     routed = prompt_len + response_len - 1
@@ -122,10 +146,15 @@ def rollout_payload(arch: MoEArchitecture, *, samples: int, prompt_len: int, res
     kept = samples * response_len * kept_ids
     id_digits = len(str(arch.vocab_size - 1))
     info_bits = routed * sum(arch.moe_layers) * arch.top_k * math.log2(arch.num_experts)
+    id_bytes = smallest_id_bytes(arch.num_experts)
     return {
         "samples": samples,
         "routes_wire_MiB": route_raw * 4 / 3 / 2**20,
         "routes_host_MiB": route_raw / 2**20,
+        # With the smallest integer type that holds the expert ids (moerl's host batch still
+        # keeps int32 routes today).
+        "routes_host_smallest_MiB": route_raw / 4 * id_bytes / 2**20,
+        "route_id_bytes_smallest": id_bytes,
         "routes_information_MiB": samples * info_bits / 8 / 2**20,
         "mask_wire_MiB": kept * (id_digits + 2) / 2**20,
         "mask_host_MiB": (kept * 4 + samples * (response_len + 1) * 8) / 2**20,

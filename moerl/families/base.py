@@ -122,7 +122,7 @@ class Unit:
 
     ``split`` says how Megatron shards it (see ``moerl.trainer.hf_bridge``): ``none``, ``rows``,
     ``cols``, ``qkv``, ``glu``, ``vocab`` (rows, padded to :meth:`padded_vocab_size`) or ``down``
-    (MLA's down projections: ``rows`` in Megatron's local spec, replicated with Transformer Engine).
+    (MLA's down projections: replicated as moerl builds them, rows if a spec column-splits them).
     ``buffer``: a Megatron buffer, not a parameter (the router's expert bias).
     """
 

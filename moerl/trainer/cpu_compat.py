@@ -41,8 +41,9 @@ The patches:
    ``param.grad.type() == 'torch.cuda.FloatTensor'``; the replacement scales the same gradients by
    the same coefficient with ``torch._foreach_mul_``.
 
-6. Multi-latent attention's ``HAVE_TE`` flag, true without Transformer Engine in 0.16.1 (see
-   :func:`_patch_mla_have_te`); YaRN RoPE allocates like patch 1 and is in its module list.
+6. Multi-latent attention without Transformer Engine: its ``HAVE_TE`` flag, true in 0.16.1, and its
+   ``Linear`` name, None in 0.19 (see :func:`_patch_mla_have_te`); YaRN RoPE allocates like patch
+   1 and is in its module list.
 
 Not patched, but refused with a clear error by :func:`check_cpu_config`: the all-to-all token
 dispatcher creates CUDA streams; on CPU moerl uses the all-gather dispatcher.
@@ -229,6 +230,12 @@ def _patch_mla_have_te() -> None:
 
     if mla.HAVE_TE and not isinstance(mla.TELinear, type):
         mla.HAVE_TE = False
+    if mla.Linear is None:
+        # 0.19 without TE leaves the replicated Linear it accepts for the down projections None;
+        # moerl's local MLA spec (moerl.trainer.mla_attention) uses that Linear.
+        from megatron.core.post_training.modelopt.layers import Linear
+
+        mla.Linear = Linear
 
 
 def check_cpu_config(*, token_dispatcher: str) -> None:

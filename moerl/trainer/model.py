@@ -35,11 +35,6 @@ def validate_architecture_layout(arch: MoEArchitecture, *, tp: int, ep: int, etp
         problems.append(f"parallel.etp={etp} does not divide the expert FFN width {arch.expert_ffn}")
     if arch.dense_ffn % tp and not all(arch.moe_layers):
         problems.append(f"parallel.tp={tp} does not divide intermediate_size={arch.dense_ffn}")
-    if arch.mla and not use_transformer_engine():  # the local spec splits the down projections
-        down = {"q_lora_rank": arch.mla.q_lora_rank or 0,
-                "kv_lora_rank + qk_rope_head_dim": arch.mla.kv_lora_rank + arch.mla.qk_rope_head_dim}
-        problems += [f"parallel.tp={tp} does not divide {name}={size}"
-                     for name, size in down.items() if size % tp]
     if problems:
         raise ValueError("model/parallel layout mismatch: " + "; ".join(problems))
 
