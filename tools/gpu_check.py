@@ -8,7 +8,8 @@ Checks (each a subprocess with its own time limit; logs in OUT_DIR/<name>.log):
   host_collectives  init_parallel's default group (``cpu:gloo,cuda:nccl`` with CUDA): the loop's
                     host collectives (batch and JSON broadcast, sharded transport, data-parallel
                     gathers and means) and a CUDA all-reduce on the same group
-  warm_start        the tiny warm-started Qwen3-MoE the other checks use
+  tiny_model        a random tiny Qwen3-MoE (seconds; a warm start is minutes of CPU training and
+                    the paths, not the rewards, are under test)
   parity_fp32/bf16  Megatron model vs Hugging Face transformers on the trainer's device
   rl_fp32_trainer   3 GRPO steps with keep-routing at world 1: built-in server with a bf16 engine,
                     fp32 trainer, NCCL weight push (weight_sync.method=distributed)
@@ -160,7 +161,7 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     wanted = (lambda name: not args.only or name in args.only)
-    warm = out / "warm"
+    warm = out / "tiny_model"
     summary: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     start = time.monotonic()
     summary["env"] = check_env()
@@ -168,8 +169,9 @@ def main() -> None:
         summary["host_collectives"] = _result(
             "host_collectives", [sys.executable, __file__, "--host-collectives-child"], out, 180)
     if not (warm / "config.json").exists():
-        summary["warm_start"] = _result(
-            "warm_start", [sys.executable, "-m", "moerl.warmstart", "--out", str(warm)], out, 480)
+        summary["tiny_model"] = _result("tiny_model", [
+            sys.executable, "-c", "import sys; from moerl.tiny_model import create_tiny_hf_model; "
+            "create_tiny_hf_model(sys.argv[1], seed=0)", str(warm)], out, 120)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node=1", "tools/parity.py", "--hf", str(warm)]
     for dtype, flag in (("fp32", []), ("bf16", ["--bf16"])):
