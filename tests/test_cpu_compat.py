@@ -59,6 +59,8 @@ def test_megatron_core_is_the_targeted_version():
 STAND_IN_GUARDS = {
     "megatron.core.models.common.embeddings.rotary_pos_embedding":
         ("RotaryEmbedding.get_emb", "self.inv_freq.to(device=torch.cuda.current_device())"),
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding":
+        ("YarnRotaryEmbedding.__init__", "torch.cuda.current_device()"),
     "megatron.core.utils": ("GlobalMemoryBuffer.get_tensor", "device=torch.cuda.current_device()"),
     "megatron.core.transformer.utils": ("get_default_causal_mask", 'device="cuda"'),
     "megatron.core.transformer.moe.router":
@@ -87,6 +89,18 @@ def test_stand_in_module_still_allocates_on_cuda(module):
     qualname, construct = STAND_IN_GUARDS[module]
     assert construct in _upstream_source(module, qualname), (
         f"{module}.{qualname} no longer contains {construct!r}: review patch 1 for this module")
+
+
+def test_mla_patch_gives_the_local_spec_a_te_free_path(patched):
+    """Patch 6: without Transformer Engine, MLA must not take its TE branch and must accept the
+    replicated Linear moerl's local MLA spec uses for the down projections."""
+    from megatron.core.post_training.modelopt.layers import Linear
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if isinstance(mla.TELinear, type):
+        pytest.skip("Transformer Engine is installed")
+    assert mla.HAVE_TE is False
+    assert mla.Linear is Linear
 
 
 def test_stand_in_maps_cuda_factories_to_cpu():
