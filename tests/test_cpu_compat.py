@@ -58,6 +58,8 @@ def test_installed_megatron_core_is_one_the_patches_target():
 STAND_IN_GUARDS = {
     "megatron.core.models.common.embeddings.rotary_pos_embedding":
         ("RotaryEmbedding.get_emb", "self.inv_freq.to(device=torch.cuda.current_device())"),
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding":
+        ("YarnRotaryEmbedding.__init__", "torch.cuda.current_device()"),
     "megatron.core.utils": ("GlobalMemoryBuffer.get_tensor", "device=torch.cuda.current_device()"),
     "megatron.core.transformer.utils": ("get_default_causal_mask", 'device="cuda"'),
     "megatron.core.transformer.moe.router":
@@ -95,6 +97,18 @@ def test_upstream_grad_sync_asks_for_the_current_cuda_stream_from_0_19():
     assert ("current_stream = torch.cuda.current_stream()" in source) == (
         megatron_version.at_least(0, 19))
     assert "current_stream.wait_event(event)" in source or not megatron_version.at_least(0, 19)
+
+
+def test_mla_patch_gives_the_local_spec_a_te_free_path(patched):
+    """Patch 6: without Transformer Engine, MLA must not take its TE branch and must accept the
+    replicated Linear moerl's local MLA spec uses for the down projections."""
+    from megatron.core.post_training.modelopt.layers import Linear
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if isinstance(mla.TELinear, type):
+        pytest.skip("Transformer Engine is installed")
+    assert mla.HAVE_TE is False
+    assert mla.Linear is Linear
 
 
 def test_stand_in_maps_cuda_factories_to_cpu():

@@ -62,3 +62,26 @@ def test_cli_reports_fit_and_payload():
     # int32 routes for 48 layers x top-8: 1536 raw bytes per token, base64 on the wire.
     assert payload["route_bytes_per_token_wire"] == pytest.approx(2048)
     assert payload["routes_information_MiB"] < payload["routes_host_MiB"]
+
+
+@pytest.mark.parametrize("config, total, active, rel_active", [
+    ("deepseek_v3", 671e9, 37e9, 0.03),       # model card: 671B total, 37B activated
+    ("moonlight_16b_a3b", 16e9, 3e9, 0.05),   # model card: 16B total, 3B activated
+])
+def test_deepseek_v3_family_counts_match_model_cards(config, total, active, rel_active):
+    arch = architecture_from_hf(json.loads(
+        (REPO / "configs" / "models" / f"{config}.hf_config.json").read_text()))
+    assert arch.mla is not None and arch.router.score == "sigmoid"
+    assert sum(plan.parameter_counts(arch).values()) == pytest.approx(total, rel=0.01)
+    assert plan.active_parameters(arch) == pytest.approx(active, rel=rel_active)
+
+
+def test_route_payload_at_256_experts_and_the_smallest_host_type():
+    arch = architecture_from_hf(json.loads(
+        (REPO / "configs" / "models" / "deepseek_v3.hf_config.json").read_text()))
+    payload = plan.rollout_payload(arch, samples=2, prompt_len=10, response_len=11, kept_ids=4)
+    # 61 layers x top-8, int32 on SGLang's wire (base64), 1 byte per id on the host at 256 experts.
+    assert payload["route_bytes_per_token_wire"] == pytest.approx(61 * 8 * 4 * 4 / 3)
+    assert payload["route_id_bytes_smallest"] == 1
+    assert payload["routes_host_smallest_MiB"] == pytest.approx(payload["routes_host_MiB"] / 4)
+    assert [plan.smallest_id_bytes(e) for e in (8, 256, 257, 65536, 65537)] == [1, 1, 2, 2, 4]
