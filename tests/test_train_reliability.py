@@ -9,8 +9,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from e2e_util import REPO, fast_overrides, read_metrics, torchrun
 
@@ -110,6 +112,50 @@ def test_rollout_server_death_loses_no_sample(warm_model, tmp_path):
     assert all(r["rollout/num_samples"] == 16 for r in records)  # 4 prompts x 4 samples
 
 
+def test_killing_the_launch_command_stops_workers_and_server(warm_model, tmp_path):
+    from moerl.run_guard import is_locked
+
+    out = tmp_path / "run"
+    args = ["configs/grpo.yaml", *fast_overrides(warm_model, out, **{"training.steps": 50})]
+    with open(tmp_path / "train.log", "wb") as log:
+        proc = _launch(args, log)  # torchrun leads its own process group, as local.sh's would
+        metrics = out / "metrics.jsonl"
+        _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, proc, 420,
+                  "the first step")
+        tree = [(pid, _cmdline(pid)) for pid, _ in _descendants(proc.pid)]
+        assert sum("moerl.train" in a for _, a in tree) == 2, tree
+        assert any("moerl.rollout.server" in a for _, a in tree), tree
+        assert "pid" in (is_locked(out) or ""), "the running trainer does not hold its out_dir"
+        os.killpg(proc.pid, signal.SIGKILL)  # what a kill of the launch command's group does
+        proc.wait()
+    deadline = time.monotonic() + 120
+    while (alive := [(p, a) for p, a in tree if _alive(p, a)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid, _ in alive:  # leave nothing behind, whatever the outcome
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"outlived their launcher: {alive}"
+    deadline = time.monotonic() + 60
+    while is_locked(out) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert is_locked(out) is None  # a rerun may take the out_dir over
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int, cmdline: str) -> bool:
+    """Still running (not a zombie) and still the same program (pids are reused)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and _cmdline(pid) == cmdline
+
+
 @pytest.mark.parametrize("override, message", [
     ("parallel.tp=3", "parallel.tp=3 does not divide num_attention_heads=4"),
     ("parallel.ep=3", "parallel.ep=3 does not divide num_experts=8"),
@@ -148,6 +194,118 @@ def test_nonfinite_skip_and_reference_swap(warm_model):
     # The reference is the initial policy, swapped in and out of the one Megatron model.
     assert result["good_step"]["ref_is_initial"] and result["good_step"]["policy_moved"]
     assert result["good_step"]["weights_restored"]
+
+
+def _nan_reference(model_dir, out):
+    """A copy of the model whose final norm is NaN: a corrupt reference checkpoint. The rollout
+    (the policy) is unaffected; with the k2 estimator, whose gradient is the log-ratio itself,
+    every gradient is non-finite (k3 clamps the log-ratio, and a clamp passes no gradient)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    for file in out.glob("*.safetensors"):
+        tensors = load_file(file)
+        if "model.norm.weight" in tensors:
+            tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"],
+                                                           float("nan"))
+            save_file(tensors, file, metadata={"format": "pt"})
+    return out
+
+
+def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(warm_model, tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(["configs/grpo.yaml", *fast_overrides(warm_model, out, **{
+        "training.steps": 5, "training.max_nonfinite_steps": 1,
+        "algorithm.kl_estimator": "k2",
+        "model.ref_path": _nan_reference(warm_model, tmp_path / "ref")})],
+        timeout=420, check=False)
+    assert proc.returncode != 0
+    assert "2 consecutive steps (up to step 1) had a non-finite gradient" in proc.stderr
+    assert "training.max_nonfinite_steps=1" in proc.stderr
+    records = read_metrics(out)
+    # The first skipped step is logged and training goes on; the second stops the run.
+    assert [r["step"] for r in records] == [0, 1]
+    assert all(r["skipped"] > 0 and r["loss"] == "nan" for r in records)
+    saved = out / "checkpoints" / "step_000002"
+    assert (saved / "meta.json").exists()
+    state = torch.load(saved / "actor" / "rank_00000.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def _tree_digest(root):
+    """Content and modification time of every file but the lock (which names its holder)."""
+    import hashlib
+
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                       p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".moerl.lock"}
+
+
+def _verify_as(ckpt_root, step, rank):
+    """CheckpointManager.verify as trainer rank ``rank`` of the layout the run used (TP=2/EP=2
+    on 2 processes: configs/models/tiny_cpu.yaml)."""
+    from types import SimpleNamespace
+
+    from moerl.checkpoint import CheckpointManager
+
+    layout = {"world": 2, "tp": 2, "ep": 2, "etp": 1}
+    manager = CheckpointManager(ckpt_root, every=1, final_step=2,
+                                layout=SimpleNamespace(rank=rank, **layout))
+    return manager.verify(step)
+
+
+def test_finished_rerun_changes_nothing_and_damaged_checkpoints_fall_back(warm_model, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    args = ["configs/grpo.yaml", *fast_overrides(warm_model, out, **{
+        "training.steps": 2, "training.checkpoint_every": 1, "training.eval_every": 1,
+        "logging.tensorboard": "true"})]
+    torchrun(args, timeout=420)
+    assert [r["step"] for r in read_metrics(out)] == [0, 1, 2]  # 2: the final evaluation
+    before = _tree_digest(out)
+    rerun = torchrun(args, timeout=420)
+    assert "already holds a finished run" in rerun.stderr
+    assert _tree_digest(out) == before
+
+    # Every kind of damage is named, with its file, by the rank that owns the shard.
+    ckpts = out / "checkpoints"
+    assert _verify_as(ckpts, 2, 0) is None and _verify_as(ckpts, 2, 1) is None
+    pristine = tmp_path / "pristine"
+    shutil.copytree(ckpts, pristine)
+    shard = ckpts / "step_000002" / "actor" / "rank_00001.pt"
+    damage = {
+        "truncated": lambda: shard.write_bytes(shard.read_bytes()[:1000]),
+        "empty": lambda: shard.write_bytes(b""),
+        "copied from another step": lambda: shutil.copy(
+            ckpts / "step_000001" / "actor" / "rank_00001.pt", shard),
+        "broken meta": lambda: (shard.parent.parent / "meta.json").write_text("{\"step\": 2"),
+    }
+    expected = {"truncated": "does not match its checksum", "empty": "is empty",
+                "copied from another step": "does not match its checksum",
+                "broken meta": "meta.json is unreadable"}
+    for kind, make in damage.items():
+        shutil.rmtree(ckpts)
+        shutil.copytree(pristine, ckpts)
+        make()
+        problem = _verify_as(ckpts, 2, 1)
+        assert problem and expected[kind] in problem, (kind, problem)
+        assert kind == "broken meta" or "rank_00001.pt" in problem
+        if kind != "broken meta":
+            assert _verify_as(ckpts, 2, 0) is None  # rank 0's own shard is intact
+
+    # The last damage left in place (a shard from step 1 under step 2): the run resumes from the
+    # intact step-1 checkpoint with a warning that names the file, and trains on to the end.
+    shutil.rmtree(ckpts)
+    shutil.copytree(pristine, ckpts)
+    damage["copied from another step"]()
+    resumed = torchrun([*args, "--set", "training.steps=3"], timeout=420)
+    assert f"{shard} (" in resumed.stderr and "damaged and skipped" in resumed.stderr
+    assert "resumed from step 1" in resumed.stderr
+    assert [r["step"] for r in read_metrics(out)] == [0, 1, 2, 3]
+    assert _verify_as(ckpts, 3, 1) is None
 
 
 def _external_server(model, tmp_path, *extra):
