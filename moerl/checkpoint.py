@@ -117,6 +117,18 @@ class CheckpointManager:
                               f"away, or set training.resume=false to start over")
         return 0
 
+    def load(self, step: int, actor, critic) -> None:
+        """Load checkpoint ``step`` (collective), verified like a resume; a damaged one raises
+        ConfigError with what every rank found wrong."""
+        problems: list = [None] * self.layout.world
+        dist.all_gather_object(problems, self.verify(step))
+        bad = [f"rank {rank}: {p}" for rank, p in enumerate(problems) if p is not None]
+        if bad:
+            raise ConfigError(f"checkpoint {self.path(step)} is damaged: " + "; ".join(bad))
+        actor.load(self.path(step) / "actor")
+        if critic is not None:
+            critic.load(self.path(step) / "critic")
+
     def verify(self, step: int) -> str | None:
         """What is wrong with this rank's view of checkpoint ``step``, or None when intact.
         A layout different from this run's raises ConfigError (a mistake, not damage)."""

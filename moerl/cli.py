@@ -70,7 +70,7 @@ def export(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"moerl: {err}", file=sys.stderr)
         return 2
-    return _torchrun(meta["world"], "moerl.export", argv)
+    return _torchrun(meta["layout"]["world"], "moerl.export", argv)
 
 
 def plot(argv: list[str]) -> int:

@@ -40,20 +40,22 @@ def export_step(run_dir: Path, step: int, out: Path) -> None:
     meta = checkpoint_meta(run_dir, step)
     hf_path = Path(cfg.model.hf_path)
     arch = architecture_from_hf(json.loads((hf_path / "config.json").read_text()))
-    layout, groups = init_parallel(tp=meta["tp"], ep=meta["ep"], etp=meta["etp"],
+    saved = meta["layout"]
+    layout, groups = init_parallel(tp=saved["tp"], ep=saved["ep"], etp=saved["etp"],
                                    seed=cfg.training.seed, timeout_s=600.0)
     try:
-        bf16 = cfg.model.dtype == "bfloat16"
+        bf16, fp16 = cfg.model.dtype == "bfloat16", cfg.model.dtype == "float16"
         tr = cfg.training
         # The optimizer must match the saved one's structure for its state to load.
         optim = dict(lr=tr.lr, weight_decay=tr.weight_decay, adam_beta1=tr.adam_beta1,
                      adam_beta2=tr.adam_beta2, clip_grad=tr.grad_clip,
                      warmup_steps=tr.warmup_steps,
-                     use_distributed_optimizer=cfg.parallel.distributed_optimizer, bf16=bf16)
+                     use_distributed_optimizer=cfg.parallel.distributed_optimizer, bf16=bf16,
+                     fp16=fp16)
         actor = Actor(arch=arch, layout=layout, groups=groups, hf_path=str(hf_path),
                       ref_path="", bf16=bf16, recompute=False,
                       token_dispatcher=None if cfg.model.token_dispatcher == "auto"
-                      else cfg.model.token_dispatcher, optim=optim)
+                      else cfg.model.token_dispatcher, optim=optim, fp16=fp16)
         checkpoints = CheckpointManager(run_dir / "checkpoints", every=0, final_step=-1,
                                         layout=layout)
         checkpoints.load(step, actor, None)
