@@ -39,7 +39,7 @@ def test_killed_local_sglang_is_restarted_and_every_sample_arrives_once(moe_dir,
         sync_address="", sync_port=0, run_dir=tmp_path, hf_config_dir=str(moe_dir))
     manager.start(moe_dir, version="step-0")
     try:
-        first = manager.server
+        (first,) = manager.servers
 
         def crash():
             time.sleep(2.0)
@@ -50,10 +50,11 @@ def test_killed_local_sglang_is_restarted_and_every_sample_arrives_once(moe_dir,
         prompts = [[1, 5, 9], [1, 7, 3, 4], [1, 30]]
         # manager.generate's own path (watchdog + client), with ignore_eos so that every
         # request is still running when the server is killed.
-        samples = run_sync(manager._with_watchdog(manager.client.generate(
+        samples = run_sync(manager._with_watchdog(manager.clients[0].generate(
             prompts, n=2, sampling_params={**sampling.params(), "ignore_eos": True})))
         killer.join()
-        assert manager.restarts == 1 and manager.server is not first and manager.server.alive()
+        (now,) = manager.servers
+        assert manager.restarts == 1 and now is not first and now.alive()
         assert [(s.group_index, s.sample_index) for s in samples] == [
             (g, j) for g in range(3) for j in range(2)]
         for s in samples:
@@ -62,5 +63,5 @@ def test_killed_local_sglang_is_restarted_and_every_sample_arrives_once(moe_dir,
             assert s.routes_TLK.shape[0] == len(s.prompt_ids) + budget - 1
     finally:
         manager.close()
-    assert not first.alive() and not manager.server
+    assert not first.alive() and not manager.servers
 
