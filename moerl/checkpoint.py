@@ -98,13 +98,9 @@ class CheckpointManager:
         """Load the newest intact checkpoint (collective); its step, or 0 when there is none."""
         candidates = self.steps()
         for step in candidates:
-            problems: list = [None] * self.layout.world
-            dist.all_gather_object(problems, self.verify(step))
-            bad = [(rank, p) for rank, p in enumerate(problems) if p is not None]
+            bad = self._problems(step)
             if not bad:
-                actor.load(self.path(step) / "actor")
-                if critic is not None:
-                    critic.load(self.path(step) / "critic")
+                self._load_files(step, actor, critic)
                 log.warning("resumed from step %d (%s)", step, self.path(step))
                 return step
             if self.layout.rank == 0:
@@ -120,11 +116,19 @@ class CheckpointManager:
     def load(self, step: int, actor, critic) -> None:
         """Load checkpoint ``step`` (collective), verified like a resume; a damaged one raises
         ConfigError with what every rank found wrong."""
+        bad = self._problems(step)
+        if bad:
+            raise ConfigError(f"checkpoint {self.path(step)} is damaged: " + "; ".join(
+                f"rank {rank}: {problem}" for rank, problem in bad))
+        self._load_files(step, actor, critic)
+
+    def _problems(self, step: int) -> list[tuple[int, str]]:
+        """(rank, problem) for every rank whose view of checkpoint ``step`` is damaged."""
         problems: list = [None] * self.layout.world
         dist.all_gather_object(problems, self.verify(step))
-        bad = [f"rank {rank}: {p}" for rank, p in enumerate(problems) if p is not None]
-        if bad:
-            raise ConfigError(f"checkpoint {self.path(step)} is damaged: " + "; ".join(bad))
+        return [(rank, p) for rank, p in enumerate(problems) if p is not None]
+
+    def _load_files(self, step: int, actor, critic) -> None:
         actor.load(self.path(step) / "actor")
         if critic is not None:
             critic.load(self.path(step) / "critic")
