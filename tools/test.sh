@@ -1,19 +1,32 @@
 #!/usr/bin/env bash
-# The test command, in two steps, each after the same idempotent set-up as the main job:
-#   1. the whole suite in .venv, the primary stack (Python 3.12, megatron-core 0.19);
-#   2. the tests marked `compat` in .venv-mcore016 (Python 3.10/3.11, megatron-core 0.16.1): HF
+# The test command. After the same idempotent set-up as the main job (.venv, the primary stack:
+# Python 3.12, megatron-core 0.19) it runs, in order:
+#   1. the whole suite in .venv except the tests marked `sglang`;
+#   2. the `sglang` tests (a real SGLang 0.5.23 server from .venv-sglang) in .venv;
+#   3. the tests marked `compat` in .venv-mcore016 (Python 3.10/3.11, megatron-core 0.16.1): HF
 #      parity at TP=2/EP=2, routing-replay exactness, an end-to-end RL run, the CPU patches and
-#      Megatron-internal guards. Skipped when .venv is that stack already (no Python 3.12 here),
-#      or with MOERL_TEST_COMPAT=0.
-# Fails when any test fails or when a step ran no test. Extra arguments go to pytest in both steps
-# (e.g. -k routing, -x).
+#      Megatron-internal guards.
+# The set-ups of steps 2 and 3 (launch/setup_sglang.sh, launch/setup.sh --compat: downloads and
+# unpacking, minutes on a fresh machine, a second once stamped) run in the background during step
+# 1; their logs are printed if they fail. MOERL_SKIP_SGLANG=1 skips step 2 and its set-up;
+# MOERL_TEST_COMPAT=0 skips step 3 (it is skipped anyway when .venv is that stack already: no
+# Python 3.12 here). One warm-started model (tests/conftest.py) is cached for all steps in a
+# temporary folder ($MOERL_TEST_CACHE) that is removed at the end.
+#
+# Fails when any test fails or a set-up fails, and when a step ran no test. Extra arguments go to
+# pytest in every step (e.g. -x, -k routing; with -k, a step that selects nothing is not a
+# failure as long as some step ran tests). An -m of your own replaces the steps: one pytest run in
+# .venv with your arguments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 failed=0
+ran_tests=0
+strict=1  # without arguments every step must run tests
+[ $# -eq 0 ] || strict=0
 
 # pytest in venv $1 (activated: tests start python and torchrun processes) with the remaining
-# arguments; non-zero when a test failed or none ran.
+# arguments; non-zero when a test failed, or when none ran and $strict says every step must.
 run_pytest() {
   local venv=$1 status
   shift
@@ -23,30 +36,95 @@ run_pytest() {
   status=$?
   set -e
   if [ "$status" -eq 5 ]; then
-    echo "tools/test.sh: no tests ran in $venv" >&2
-    return 1
+    echo "tools/test.sh: no tests ran in $venv ($*)" >&2
+    [ "$strict" = 1 ] && return 1
+    return 0
   fi
+  [ "$status" -eq 0 ] && ran_tests=1
   return "$status"
 }
 
 launch/setup.sh
-# A real SGLang server's CPU environment and the tests that run it (marker `sglang`; README:
-# time and disk); MOERL_SKIP_SGLANG=1 skips both.
-main_marker=()
-if [ "${MOERL_SKIP_SGLANG:-0}" = 1 ]; then
-  main_marker=(-m "not sglang")
-else
-  launch/setup_sglang.sh
-  export MOERL_REQUIRE_SGLANG=1
-fi
-run_pytest .venv ${main_marker[@]+"${main_marker[@]}"} "$@" || failed=1
+work=$(mktemp -d "${TMPDIR:-/tmp}/moerl-test.XXXXXX")
+export MOERL_TEST_CACHE=$work/cache
+mkdir -p "$MOERL_TEST_CACHE"
+bg_pids=()
+cleanup() {
+  local pid
+  for pid in ${bg_pids[@]+"${bg_pids[@]}"}; do kill "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
 
+for arg in "$@"; do
+  if [ "$arg" = "-m" ] || [[ "$arg" == -m?* ]]; then
+    run_pytest .venv "$@" || failed=1
+    [ "$ran_tests" = 1 ] || failed=1
+    exit "$failed"
+  fi
+done
+
+# Start the other steps' set-ups now; each writes its log and exit status in $work.
+background_setup() {  # NAME COMMAND...
+  local name=$1
+  shift
+  ( set +e; "$@" > "$work/$name.log" 2>&1; echo $? > "$work/$name.status" ) &
+  bg_pids+=("$!")
+}
+# 0 when background set-up $1 finished well; else prints its log and fails.
+await_setup() {
+  local name=$1 pid=$2
+  wait "$pid" || true
+  if [ "$(cat "$work/$name.status" 2>/dev/null)" = 0 ]; then
+    cat "$work/$name.log"
+    return 0
+  fi
+  echo "tools/test.sh: $name set-up failed; its log:" >&2
+  cat "$work/$name.log" >&2
+  return 1
+}
+
+sglang=1
+[ "${MOERL_SKIP_SGLANG:-0}" = 1 ] && sglang=0
+compat=1
 if [ "${MOERL_TEST_COMPAT:-1}" = "0" ]; then
+  compat=0
   echo "tools/test.sh: MOERL_TEST_COMPAT=0: megatron-core 0.16.1 compatibility tests skipped"
 elif .venv/bin/python -c 'import sys; sys.exit(sys.version_info >= (3, 12))'; then
+  compat=0
   echo "tools/test.sh: .venv is Python < 3.12 with megatron-core 0.16.1 already: no compat step"
+fi
+sglang_pid= compat_pid=
+if [ "$sglang" = 1 ]; then
+  background_setup sglang launch/setup_sglang.sh
+  sglang_pid=${bg_pids[-1]}
+fi
+if [ "$compat" = 1 ]; then
+  background_setup compat launch/setup.sh --compat
+  compat_pid=${bg_pids[-1]}
+fi
+
+run_pytest .venv -m "not sglang" "$@" || failed=1
+
+if [ "$sglang" = 1 ]; then
+  if await_setup sglang "$sglang_pid"; then
+    MOERL_REQUIRE_SGLANG=1 run_pytest .venv -m sglang "$@" || failed=1
+  else
+    failed=1
+  fi
 else
-  launch/setup.sh --compat
-  run_pytest .venv-mcore016 -m compat "$@" || failed=1
+  echo "tools/test.sh: MOERL_SKIP_SGLANG=1: the real-SGLang tests skipped"
+fi
+
+if [ "$compat" = 1 ]; then
+  if await_setup compat "$compat_pid"; then
+    run_pytest .venv-mcore016 -m compat "$@" || failed=1
+  else
+    failed=1
+  fi
+fi
+if [ "$ran_tests" = 0 ]; then
+  echo "tools/test.sh: no step ran a test" >&2
+  failed=1
 fi
 exit "$failed"
