@@ -13,22 +13,11 @@ import pytest
 from e2e_util import read_metrics, torchrun
 
 
-@pytest.fixture(scope="module")
-def warmer_model(tmp_path_factory):
-    """Warm-started to ~40% greedy accuracy: enough signal for GRPO groups to disagree."""
-    from moerl.tasks.arithmetic import ArithmeticTask
-    from moerl.warmstart import warm_start
-
-    out = tmp_path_factory.mktemp("warm40") / "hf"
-    warm_start(out, task=ArithmeticTask(max_operand=30, seed=7), target_accuracy=0.4,
-               log=lambda *_: None)
-    return out
-
-
 @pytest.mark.slow
-def test_grpo_raises_accuracy(warmer_model, tmp_path):
+def test_grpo_raises_accuracy(warm_model, tmp_path):
+    """From the suite's warm start (~40% greedy accuracy: tests/conftest.py)."""
     out = tmp_path / "run"
-    settings = {"model.hf_path": warmer_model, "training.out_dir": out, "training.steps": 30,
+    settings = {"model.hf_path": warm_model, "training.out_dir": out, "training.steps": 30,
                 "training.eval_every": 10, "training.checkpoint_every": 0,
                 "task.eval_size": 256, "logging.progress": "false",
                 "logging.tensorboard": "false"}
