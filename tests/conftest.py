@@ -9,23 +9,25 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cached_warm_start(tmp_path_factory, name: str, *, target_accuracy: float) -> Path:
-    """A tiny Qwen3-MoE warm-started on arithmetic (the procedure of launch/local.sh) to
-    ``target_accuracy``. tools/test.sh runs pytest several times (its steps) and sets
-    ``MOERL_TEST_CACHE`` to a folder that lives as long as that command: the checkpoint is made once
-    there, keyed by the warm-start sources and settings, under a lock. Without it, a fresh one per
+def cached_warm_start(tmp_path_factory, name: str, *, target_accuracy: float,
+                      variant: str) -> Path:
+    """A tiny Qwen3-MoE (``variant`` of moerl.tiny_model.TINY_VARIANTS) warm-started on arithmetic
+    (the procedure of launch/local.sh) to ``target_accuracy``. tools/test.sh runs pytest several
+    times (its steps) and sets ``MOERL_TEST_CACHE`` to a folder that lives as long as that
+    command: the checkpoint is made once there, keyed by the warm-start sources and settings,
+    under a lock. Without it, a fresh one per
     session."""
     import fcntl
 
     from moerl.tasks.arithmetic import ArithmeticTask
     from moerl.warmstart import warm_start
 
-    settings = dict(max_operand=30, task_seed=7, target_accuracy=target_accuracy)
+    settings = dict(max_operand=30, task_seed=7, target_accuracy=target_accuracy, variant=variant)
 
     def make(out: Path) -> Path:
         warm_start(out, task=ArithmeticTask(max_operand=settings["max_operand"],
                                             seed=settings["task_seed"]),
-                   target_accuracy=target_accuracy, log=lambda *_: None)
+                   target_accuracy=target_accuracy, variant=variant, log=lambda *_: None)
         return out
 
     cache = os.environ.get("MOERL_TEST_CACHE")
@@ -45,9 +47,10 @@ def cached_warm_start(tmp_path_factory, name: str, *, target_accuracy: float) ->
 
 @pytest.fixture(scope="session")
 def warm_model(tmp_path_factory):
-    """A tiny Qwen3-MoE warm-started on arithmetic until it is right about 40% of the time: enough
-    signal for GRPO groups to disagree (the learning test) and for every end-to-end run."""
-    return cached_warm_start(tmp_path_factory, "warm40", target_accuracy=0.4)
+    """The tiny Qwen3-MoE with a dense first layer (``tiny``), warm-started on arithmetic until it
+    is right about 40% of the time: enough signal for GRPO groups to disagree (the learning test),
+    and the model of every end-to-end run (one warm start for all of them)."""
+    return cached_warm_start(tmp_path_factory, "warm40", target_accuracy=0.4, variant="tiny")
 
 
 @pytest.fixture(scope="module")
