@@ -70,3 +70,48 @@ def test_start_up_refuses_an_untested_release(untested_megatron, module):
     assert "megatron-core 0.18.0 is installed" in proc.stderr
     assert "0.19.2" in proc.stderr and "0.16.1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_import_megatron_defers_torch_compile_to_the_first_call():
+    """megatron-core applies ``torch.compile`` (its ``jit_fuser``) at import; moerl's import makes
+    those decorations compile on first call, so TorchDynamo/Inductor are not imported with it.
+    Fails if upstream stops doing so (then the deferral is stale) or if the deferral leaks."""
+    script = (
+        "import sys, torch\n"
+        "real = torch.compile\n"
+        "from moerl.trainer.megatron_version import import_megatron\n"
+        "import_megatron()\n"
+        "import megatron.core.jit as jit\n"
+        "assert torch.compile is real, 'torch.compile not restored'\n"
+        "assert getattr(jit.jit_fuser, 'func', None).__name__ == '_compile_on_first_call', "
+        "jit.jit_fuser\n"
+        "assert 'torch._dynamo' not in sys.modules and 'torch._inductor' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_deferred_compile_makes_the_same_call_once_on_first_use():
+    calls = []
+
+    def fake_compile(model, **options):
+        calls.append((model, options))
+        return lambda *args: ("compiled", model(*args))
+
+    def double(x):
+        return 2 * x
+
+    deferred = megatron_version._compile_on_first_call(fake_compile, double)
+    assert calls == [] and deferred.__name__ == "double"
+    assert deferred(3) == ("compiled", 6) and deferred(4) == ("compiled", 8)
+    assert calls == [(double, {})]
+    # As a decorator with options, as megatron uses torch.compile(...)(fn) too.
+    with_options = megatron_version._compile_on_first_call(fake_compile, mode="max-autotune")
+    assert with_options(double)(5) == ("compiled", 10)
+    assert calls[-1] == (double, {"mode": "max-autotune"})
+    # Modules are compiled at once (their compiled form is an object, not a function).
+    import torch
+
+    linear = torch.nn.Linear(2, 2)
+    megatron_version._compile_on_first_call(fake_compile, linear)
+    assert calls[-1] == (linear, {})

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moerl.trainer.megatron_version import check_megatron_version
+from moerl.trainer.megatron_version import import_megatron
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def init_parallel(*, tp: int, ep: int, etp: int, seed: int,
     :class:`~moerl.trainer.megatron_version.UnsupportedMegatronError` first when the installed
     megatron-core is not a supported release.
     """
-    check_megatron_version()
+    import_megatron()
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
