@@ -122,6 +122,7 @@ class RolloutServer:
             sampling_mask_max_tokens=engine.sampling_mask_max_tokens,
             max_tokens_per_request=max_request_tokens, max_response_bytes=max_response_bytes,
             route_entries_per_token=len(engine.layout.moe_layers) * engine.layout.top_k)
+        self._started = time.time()
         self._num_calls = 0  # /generate calls so far: each call is one client of the engine
         self._groups: dict[str, Any] = {}
         self._session_open = False
@@ -139,6 +140,9 @@ class RolloutServer:
             ("GET", "/health", self.health, _OPEN), ("GET", "/health_generate", self.health, _OPEN),
             ("GET", "/model_info", self.model_info, _NORMAL),
             ("GET", "/get_model_info", self.model_info, _NORMAL),
+            ("GET", "/server_info", self.server_info, _NORMAL),
+            ("GET", "/get_server_info", self.server_info, _NORMAL),
+            ("GET", "/v1/models", self.models, _NORMAL),
             ("POST", "/generate", self.generate, _NORMAL),
             ("PUT", "/generate", self.generate, _NORMAL),
             ("GET", "/flush_cache", self.flush_cache, _ADMIN),
@@ -248,6 +252,30 @@ class RolloutServer:
                 "num_finished": e.num_finished, "decode_steps": e.steps,
             },
         })
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        """SGLang's ``/server_info``: the launch settings a load balancer reads when it registers
+        a worker (SGLang's router and SMG ask for it and refuse a worker without it)."""
+        e = self.engine
+        return _json({
+            "model_path": self.model_path, "served_model_name": self.model_path,
+            "tp_size": 1, "dp_size": 1, "pp_size": 1, "disaggregation_mode": "null",
+            "is_embedding": False, "context_length": e.context_length,
+            "max_running_requests": e.max_batch_size, "weight_version": e.weight_version,
+            "version": SGLANG_VERSION, "dtype": e.dtype,
+            "sampling_mask_max_tokens": e.sampling_mask_max_tokens,
+            # Built-in sampling is a pure function of (weights, prompt, sampling_seed).
+            "enable_deterministic_inference": True,
+            "enable_return_routed_experts": self.return_routed_experts,
+        })
+
+    async def models(self, request: web.Request) -> web.Response:
+        """The OpenAI-style model list SGLang serves; ``owned_by`` tells a load balancer which
+        engine's API this worker speaks."""
+        return _json({"object": "list", "data": [{
+            "id": self.model_path, "object": "model", "created": int(self._started),
+            "owned_by": "sglang", "root": self.model_path,
+            "max_model_len": self.engine.context_length}]})
 
     # ------------------------------------------------------------------ generate
 
