@@ -44,7 +44,7 @@ from moerl.rollout.client import RetryPolicy, RolloutClient, RolloutError, run_s
 from moerl.rollout.fleet import Fleet
 from moerl.rollout.protocol import MoeLayout, WireFormatError
 from moerl.rollout.router import RouterError, check_router_workers, router_drops_message
-from moerl.rollout.server import ServerHandle, launch_server
+from moerl.rollout.launcher import ServerHandle, launch_server
 from moerl.rollout.sglang import (SEEDS_IGNORED_WARNING, check_model_servable, is_sglang,
                                   seeds_honoured)
 from moerl.rollout.sglang_local import SGLangServer, launch_sglang
@@ -155,11 +155,11 @@ class RolloutManager:
                                concurrency=self.concurrency, timeout_s=self.timeout_s,
                                retry=self.retry, layout=self.layout, wire_format="sglang",
                                request_per_sample=True)
-        check_router_workers(self.router_url, self.urls, api_key=self.api_key)
         try:
             self._probe_once(client, routes=self.return_routes, mask=self.return_mask)
         except (RolloutError, WireFormatError) as err:
             raise RouterError(router_drops_message(self.router_url, err)) from err
+        check_router_workers(self.router_url, self.urls, api_key=self.api_key)
         return client
 
     @property
