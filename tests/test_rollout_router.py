@@ -4,8 +4,10 @@ router (worker list checked, weights pushed to both workers directly); a worker 
 loses no sample.
 
 SMG is an optional extra (``pip install 'moerl[router]'``); it is found as ``$MOERL_SMG`` (a
-command, e.g. ``env PYTHONPATH=/opt/smg python -m smg``), an ``smg`` on PATH, or an importable
-``smg`` package, and the module is skipped without it.
+command, e.g. ``env PYTHONPATH=/opt/smg python -m smg``), ``.venv-smg/bin/smg`` in the checkout
+(``python3 -m venv .venv-smg && .venv-smg/bin/pip install smg==1.13.0``), an ``smg`` on PATH or
+an importable ``smg`` package, and the tests that need it are skipped without it. With ``$MOERL_SGLANG_ROUTER``
+(a command starting sglang-router 0.3.2) one more test shows that router refused.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,9 +39,14 @@ SAMPLING = {"temperature": 1.0, "top_k": 8, "max_new_tokens": MAX_NEW}
 API_KEY = "router-test"
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def smg_command() -> list[str] | None:
     if os.environ.get("MOERL_SMG"):
         return shlex.split(os.environ["MOERL_SMG"])
+    if (REPO / ".venv-smg" / "bin" / "smg").exists():  # its own venv: pip install smg there
+        return [str(REPO / ".venv-smg" / "bin" / "smg")]
     if shutil.which("smg"):
         return [shutil.which("smg")]
     if importlib.util.find_spec("smg") is not None:
@@ -46,8 +54,17 @@ def smg_command() -> list[str] | None:
     return None
 
 
+def sglang_router_command() -> list[str] | None:
+    """sglang-router 0.3.2, the last release under that name (``$MOERL_SGLANG_ROUTER``, a
+    command such as ``python -m sglang_router.launch_router``), for the refusal test."""
+    return shlex.split(os.environ["MOERL_SGLANG_ROUTER"]) if os.environ.get(
+        "MOERL_SGLANG_ROUTER") else None
+
+
 needs_smg = pytest.mark.skipif(smg_command() is None,
                                 reason="SMG is not installed (pip install 'moerl[router]')")
+needs_sglang_router = pytest.mark.skipif(
+    sglang_router_command() is None, reason="$MOERL_SGLANG_ROUTER (sglang-router 0.3.2) not set")
 
 
 def _free_port() -> int:
@@ -57,12 +74,14 @@ def _free_port() -> int:
 
 
 class Router:
-    """``smg launch`` in front of ``worker_urls``, round robin, quick to notice a dead worker."""
+    """A router (``smg launch`` by default) in front of ``worker_urls``, round robin, quick to
+    notice a dead worker."""
 
-    def __init__(self, worker_urls: list[str], log_path):
+    def __init__(self, worker_urls: list[str], log_path, command: list[str] | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [*smg_command(), "launch", "--host", "127.0.0.1", "--port", str(self.port),
+        command = command or [*smg_command(), "launch"]
+        cmd = [*command, "--host", "127.0.0.1", "--port", str(self.port),
                "--worker-urls", *worker_urls, "--policy", "round_robin", "--api-key", API_KEY,
                "--prometheus-port", str(_free_port()), "--prometheus-host", "127.0.0.1",
                "--health-check-interval-secs", "1", "--health-failure-threshold", "1"]
@@ -151,17 +170,21 @@ def test_through_smg_routes_and_masks_equal_one_server_answering_directly(
     assert sum(served) == GROUPS * N and all(served), served  # both workers took samples
 
 
+def _manager_kwargs(layout, model_dir, run_dir) -> dict:
+    sampling = SamplingSettings(temperature=1.0, top_p=1.0, top_k=8, min_p=0.0,
+                                max_new_tokens=MAX_NEW, stop_token_ids=())
+    return dict(builtin=False, url="", api_key=API_KEY, engine_dtype="float32",
+                concurrency=4, timeout_s=120, max_retries=2, seed=7, sampling=sampling,
+                layout=layout, return_routes=True, require_routes=True, return_mask=True,
+                require_mask=True, sync_method="distributed", bucket_mb=1,
+                sync_address="127.0.0.1", sync_port=0, run_dir=run_dir,
+                hf_config_dir=str(model_dir))
+
+
 @needs_smg
 def test_manager_behind_smg_pushes_to_every_worker_and_generates_through_it(
         router, workers, layout, model_dir, tmp_path):
-    sampling = SamplingSettings(temperature=1.0, top_p=1.0, top_k=8, min_p=0.0,
-                                max_new_tokens=MAX_NEW, stop_token_ids=())
-    kwargs = dict(builtin=False, url="", api_key=API_KEY, engine_dtype="float32",
-                  concurrency=4, timeout_s=120, max_retries=2, seed=7, sampling=sampling,
-                  layout=layout, return_routes=True, require_routes=True, return_mask=True,
-                  require_mask=True, sync_method="distributed", bucket_mb=1,
-                  sync_address="127.0.0.1", sync_port=0, run_dir=tmp_path,
-                  hf_config_dir=str(model_dir))
+    kwargs = _manager_kwargs(layout, model_dir, tmp_path)
     partial = RolloutManager(urls=(workers[0].url,), router_url=router.url, **kwargs)
     with pytest.raises(RouterError, match="launch the router with --worker-urls equal"):
         partial.start(model_dir, version="")  # the router serves a worker moerl would not push to
@@ -179,6 +202,20 @@ def test_manager_behind_smg_pushes_to_every_worker_and_generates_through_it(
         assert all(s.routes_TLK is not None and s.mask_offsets_R1 is not None for s in samples)
     finally:
         manager.close()
+
+
+@needs_smg
+@needs_sglang_router
+def test_a_router_that_drops_routes_and_masks_is_refused(workers, layout, model_dir, tmp_path):
+    dropping = Router([h.url for h in workers], tmp_path / "sglang_router.log",
+                      command=sglang_router_command())
+    try:
+        manager = RolloutManager(urls=tuple(h.url for h in workers), router_url=dropping.url,
+                                 **_manager_kwargs(layout, model_dir, tmp_path))
+        with pytest.raises(RouterError, match="does not carry .* meta_info has no routed_experts"):
+            manager.start(model_dir, version="")
+    finally:
+        dropping.stop()
 
 
 @needs_smg
