@@ -201,7 +201,7 @@ class CustomRollout:
 
         async def one(g: int, j: int) -> Sample:
             # Every turn of a group's samples goes to one server (its prefix cache, its routes);
-            # groups are spread over a fleet's servers in turn.
+            # groups are spread over a fleet's servers in turn (behind a router: the router's).
             clients = manager.generation_clients
             client = clients[(group_offset + g) % len(clients)]
             session = RolloutSession(
