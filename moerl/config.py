@@ -86,6 +86,12 @@ class RolloutConfig:
     one server; weight pushes go to all of them in one weight-update group."""
     num_servers: int = 1
     """builtin: how many built-in servers to start on this machine (a fleet, as ``urls``)."""
+    router_url: str = ""
+    """External fleet behind a load balancer: base URL of an SMG router (SGLang's router, PyPI
+    ``smg`` >= 1.13, ``pip install 'moerl[router]'``) launched with ``--worker-urls`` equal to
+    ``rollout.urls``. Generation goes through it, one request per sample; weight pushes go to
+    every server in ``rollout.urls`` directly. A router that drops the routes or the sampling
+    mask (sglang-router does) is refused at start-up (moerl.rollout.router)."""
     api_key: str = ""
     """API key for the server's mutating endpoints (builtin: generated if empty)."""
     engine_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -537,6 +543,9 @@ def validate(config: Config) -> None:
     if r.server == "builtin" and r.urls:
         problems.append("rollout.urls names external servers: set rollout.server=external, or "
                         "use rollout.num_servers for built-in ones")
+    if r.router_url and not (r.server == "external" and r.urls):
+        problems.append("rollout.router_url needs rollout.server=external and rollout.urls (the "
+                        "router's workers, which moerl pushes the weights to directly)")
     if r.num_servers < 1:
         problems.append(f"rollout.num_servers={r.num_servers} must be >= 1")
     if r.num_servers > 1 and r.server == "external":
@@ -666,6 +675,8 @@ def _range_problems(config: Config) -> list[str]:
             problems.append(f"{key}={value} must be {'<=' if high_ok else '<'} {high}")
     if config.rollout.url:
         problems += _url_problems("rollout.url", config.rollout.url)
+    if config.rollout.router_url:
+        problems += _url_problems("rollout.router_url", config.rollout.router_url)
     return problems
 
 

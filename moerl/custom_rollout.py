@@ -201,8 +201,9 @@ class CustomRollout:
 
         async def one(g: int, j: int) -> Sample:
             # Every turn of a group's samples goes to one server (its prefix cache, its routes);
-            # groups are spread over a fleet's servers in turn.
-            client = manager.clients[(group_offset + g) % len(manager.clients)]
+            # groups are spread over a fleet's servers in turn (behind a router: the router's).
+            clients = manager.generation_clients
+            client = clients[(group_offset + g) % len(clients)]
             session = RolloutSession(
                 client=client, prompt_ids=list(prompts[g].ids), tokenizer=self.tokenizer,
                 sampling_params=manager.sampling.params(greedy=greedy), seed=seed,

@@ -5,6 +5,9 @@ at ``urls``. Generation spreads groups over the servers by least outstanding wor
 (``moerl.rollout.fleet``); every weight push goes to all servers in one weight-update group
 (trainer rank 0 plus each server at its rank offset), and every server's weight version is
 checked after it. A server that fails mid-step loses no sample: its groups go to the others.
+With ``router_url`` (external servers behind SMG, ``moerl.rollout.router``) generation goes
+through the router instead, which places the requests and steps around a dead worker itself;
+pushes, health and version checks still go to every server directly.
 
 With ``rollout.server=builtin`` the manager starts moerl's servers as subprocesses, with
 ``rollout.server=sglang`` local SGLang servers (``launch/sglang_server.sh`` through
@@ -40,7 +43,8 @@ from moerl.batch import Sample
 from moerl.rollout.client import RetryPolicy, RolloutClient, RolloutError, run_sync
 from moerl.rollout.fleet import Fleet
 from moerl.rollout.protocol import MoeLayout, WireFormatError
-from moerl.rollout.server import ServerHandle, launch_server
+from moerl.rollout.router import RouterError, check_router_workers, router_drops_message
+from moerl.rollout.launcher import ServerHandle, launch_server
 from moerl.rollout.sglang import (SEEDS_IGNORED_WARNING, check_model_servable, is_sglang,
                                   seeds_honoured)
 from moerl.rollout.sglang_local import SGLangServer, launch_sglang
@@ -83,7 +87,8 @@ class RolloutManager:
                  require_routes: bool, return_mask: bool, require_mask: bool, sync_method: str,
                  bucket_mb: int, sync_address: str, sync_port: int, run_dir: Path,
                  hf_config_dir: str, max_batch_size: int = 64, num_servers: int = 1,
-                 urls: tuple[str, ...] = (), local_sglang: bool = False):
+                 urls: tuple[str, ...] = (), local_sglang: bool = False,
+                 router_url: str = ""):
         self.builtin, self.local_sglang, self.api_key = builtin, local_sglang, api_key or None
         self.managed = builtin or local_sglang  # the manager starts and restarts the servers
         self.urls = [] if self.managed else list(urls or (url,))
@@ -104,7 +109,9 @@ class RolloutManager:
         self._serving.set()
         self.seeds_honoured = True  # False: an SGLang server without deterministic inference
         self.clients: list[RolloutClient] = []
-        self.fleet: Fleet | None = None
+        self.fleet: Fleet | None = None  # the servers (workers): pushes, health, versions
+        self.router_url = router_url  # SMG in front of the external servers: generation only
+        self.generator: Fleet | None = None  # where generation goes: the fleet, or the router
         self._behind: set[int] = set()  # external servers down since a push: not at the weights
         self._sync: DistributedWeightSync | None = None
         self._sync_members: list[int] = []
@@ -128,15 +135,37 @@ class RolloutManager:
                                           layout=self.layout, server_ready=self._wait_serving)
                             for url in self.urls]
             self.fleet = Fleet(self.clients, on_down=self._on_down)
+            self.generator = self.fleet
             if not self.managed:
                 # Replaced by the first push, which the trainer makes before any rollout.
                 self.version = run_sync(self.clients[0].weight_version())
             for client in self.clients:
                 self._check_sglang(client)
                 self._probe(client)
+            if self.router_url:
+                self.generator = Fleet([self._router_client()])
         except BaseException:
             self.close()
             raise
+
+    def _router_client(self) -> RolloutClient:
+        """The client of the router (see ``moerl.rollout.router``), checked to list exactly the
+        servers this manager pushes weights to and to carry routes and masks intact."""
+        client = RolloutClient(self.router_url, api_key=self.api_key,
+                               concurrency=self.concurrency, timeout_s=self.timeout_s,
+                               retry=self.retry, layout=self.layout, wire_format="sglang",
+                               request_per_sample=True)
+        try:
+            self._probe_once(client, routes=self.return_routes, mask=self.return_mask)
+        except (RolloutError, WireFormatError) as err:
+            raise RouterError(router_drops_message(self.router_url, err)) from err
+        check_router_workers(self.router_url, self.urls, api_key=self.api_key)
+        return client
+
+    @property
+    def generation_clients(self) -> list[RolloutClient]:
+        """Where requests for samples go: the router's client, or the servers' clients."""
+        return self.generator.clients
 
     def _check_sglang(self, client: RolloutClient) -> None:
         """Against SGLang: refuse a checkpoint it serves wrongly; say whether seeds hold."""
@@ -202,7 +231,7 @@ class RolloutManager:
                  greedy: bool = False) -> list[Sample]:
         """``n`` samples per prompt from the current policy; restarts a dead builtin server."""
         params = self.sampling.params(greedy=greedy)
-        coro = self.fleet.generate(
+        coro = self.generator.generate(
             prompt_ids, n=n, sampling_params=params, max_new_tokens=params["max_new_tokens"],
             seed=None if greedy else hash_seed(self.seed, step),
             return_routes=self.return_routes and not greedy,

@@ -474,7 +474,8 @@ def setup(cfg: Config) -> tuple[Run, int]:
             run_dir=out_dir, hf_config_dir=str(hf_path),
             max_batch_size=r.engine_max_batch_size or min(256, r.prompts_per_step * r.group_size),
             num_servers=r.num_servers,
-            urls=tuple(u.strip() for u in r.urls.split(",") if u.strip()))
+            urls=tuple(u.strip() for u in r.urls.split(",") if u.strip()),
+            router_url=r.router_url)
         rollout.start(hf_path, version="step-0")
     telemetry = Telemetry(out_dir, total_steps=tr.steps, start_step=start_step,
                           tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,

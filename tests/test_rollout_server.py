@@ -376,3 +376,22 @@ def test_live_responses_pass_sglangs_response_contract(server):
             decoded = api.GenerateResponse.from_json_value(o)
             assert decoded.meta_info.weight_version == o["meta_info"]["weight_version"]
             assert decoded.meta_info.finish_reason is not None
+
+
+def test_answers_what_a_load_balancer_asks_and_samples_alone_equal_a_batch(server):
+    """SMG registers a worker only after /server_info (or /get_server_info) and /v1/models
+    (moerl.rollout.router); behind it the client sends each sample as its own request."""
+    for path in ("/server_info", "/get_server_info"):
+        status, info = post(server, path, method="GET")
+        assert status == 200 and info["dp_size"] == 1 and info["max_running_requests"] == 16
+    status, models = post(server, "/v1/models", method="GET")
+    assert status == 200 and models["data"][0]["owned_by"] == "sglang"
+    kw = dict(n=3, seed=8, sampling_params={"temperature": 1.0, "top_k": 8, "max_new_tokens": 6})
+    batch = RolloutClient(server.url, api_key=server.api_key).generate_sync(PROMPTS[:2], **kw)
+    alone = RolloutClient(server.url, api_key=server.api_key,
+                          request_per_sample=True).generate_sync(PROMPTS[:2], **kw)
+    assert [(s.group_index, s.sample_index) for s in alone] == [
+        (g, j) for g in range(2) for j in range(3)]
+    for a, b in zip(batch, alone):
+        assert a.response_ids == b.response_ids and torch.equal(a.routes_TLK, b.routes_TLK)
+        assert torch.equal(a.mask_offsets_R1, b.mask_offsets_R1)

@@ -152,7 +152,7 @@ def fleet_main(args, model_dir) -> None:
     """1 vs 2 built-in servers behind a Fleet (see the module docstring)."""
     from moerl.rollout.client import RolloutClient, run_sync
     from moerl.rollout.fleet import Fleet
-    from moerl.rollout.server import launch_server
+    from moerl.rollout.launcher import launch_server
 
     servers = [launch_server(model_dir, num_threads=args.threads, max_batch_size=args.batch,
                              extra_args=("--prompt-cache-mb", "0")) for _ in range(2)]

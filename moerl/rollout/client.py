@@ -15,7 +15,10 @@ prompt), at most ``concurrency`` in flight, and returns ``list[moerl.batch.Sampl
 A group is sent as one batch request of ``n`` copies of the prompt, one sample each, never with
 SGLang's ``sampling_params.n``: SGLang gives every copy of an ``n`` request the same seed, and
 answers ``n > 1`` with ``return_sampling_mask`` with HTTP 500. With a ``seed``, each sample gets
-its own ``sampling_seed`` (derived from ``seed``, group and sample index). SGLang honours
+its own ``sampling_seed`` (derived from ``seed``, group and sample index). Behind a load
+balancer (SMG, ``moerl.rollout.router``), which takes one ``sampling_params`` object per request,
+``request_per_sample=True`` sends each sample as its own request instead; the group is still
+recorded only once all its samples have arrived, and retried as a whole. SGLang honours
 ``sampling_seed`` only when started with ``--enable-deterministic-inference`` (GPU only); without
 it seeded samples are not reproducible, while exactly-once delivery still holds.
 
@@ -109,7 +112,8 @@ class RolloutClient:
     def __init__(self, base_url: str, *, api_key: str | None = None, concurrency: int = 32,
                  timeout_s: float = 600.0, retry: RetryPolicy = RetryPolicy(),
                  layout: MoeLayout | None = None, wire_format: str = "auto",
-                 server_ready: Callable[[], Awaitable[None]] | None = None):
+                 server_ready: Callable[[], Awaitable[None]] | None = None,
+                 request_per_sample: bool = False):
         if wire_format not in ("auto", "sglang", "compact"):
             raise ValueError(f"wire_format must be auto, sglang or compact, got {wire_format!r}")
         if concurrency < 1:
@@ -124,6 +128,9 @@ class RolloutClient:
         # Awaited before each retry of a group: a manager that is restarting the server makes
         # retries wait for it instead of spending their attempts on a server still starting.
         self.server_ready = server_ready
+        # A load balancer in front (SMG) takes one sampling_params object per request, not
+        # SGLang's per-item list: send each sample of a group as its own request.
+        self.request_per_sample = request_per_sample
         self._server_info: dict | None = None
 
     # ------------------------------------------------------------------ HTTP plumbing
@@ -187,7 +194,13 @@ class RolloutClient:
             return False
 
     async def model_info(self) -> dict:
-        info = await self._call("GET", "/model_info", retry=True)
+        try:
+            info = await self._call("GET", "/model_info", retry=True)
+        except RolloutError as err:
+            if err.status != 404:
+                raise
+            # SMG answers only the older name, from one of its workers.
+            info = await self._call("GET", "/get_model_info", retry=True)
         self._server_info = info
         return info
 
@@ -255,35 +268,51 @@ class RolloutClient:
         """``generate`` for synchronous callers (the trainer)."""
         return run_sync(self.generate(prompts, **kwargs))
 
-    def _group_body(self, prompt: list[int], *, group_index: int, n: int, sp: dict,
-                    seed: int | None, compact: bool, return_routes: bool,
-                    return_mask: bool) -> dict:
+    def _group_bodies(self, prompt: list[int], *, group_index: int, n: int, sp: dict,
+                      seed: int | None, compact: bool, return_routes: bool,
+                      return_mask: bool) -> list[dict]:
         # Never SGLang's n: it gives every copy the same seed, and n > 1 with
         # return_sampling_mask answers HTTP 500 in SGLang 0.5.23 (its parallel-sampling warm-up
-        # copies the request with max_new_tokens=0). A batch of n one-sample requests instead.
+        # copies the request with max_new_tokens=0). A batch of n one-sample requests instead,
+        # or n requests of one sample each (request_per_sample).
         params = [{**sp, "n": 1} if seed is None else
                   {**sp, "n": 1, "sampling_seed": derive_seed(seed, group_index, j)}
                   for j in range(n)]
-        body: dict[str, Any] = ({"input_ids": prompt, "sampling_params": params[0]} if n == 1
-                                else {"input_ids": [prompt] * n, "sampling_params": params})
-        body.update(return_logprob=True, return_routed_experts=return_routes,
-                    return_sampling_mask=return_mask)
-        if compact:
-            body["moerl_compact"] = True
-        return body
+        if n == 1 or self.request_per_sample:
+            bodies = [{"input_ids": prompt, "sampling_params": p} for p in params]
+        else:
+            bodies = [{"input_ids": [prompt] * n, "sampling_params": params}]
+        for body in bodies:
+            body.update(return_logprob=True, return_routed_experts=return_routes,
+                        return_sampling_mask=return_mask)
+            if compact:
+                body["moerl_compact"] = True
+        return bodies
+
+    async def _post_group(self, session: aiohttp.ClientSession, semaphore: asyncio.Semaphore,
+                          bodies: list[dict]) -> tuple[int, Any]:
+        """POST a group's bodies; the first failed answer, or 200 and the outputs."""
+        async def post(body: dict) -> tuple[int, Any]:
+            async with semaphore:
+                return await self._request(session, "POST", "/generate", body)
+
+        if len(bodies) == 1:
+            return await post(bodies[0])
+        answers = await asyncio.gather(*[post(body) for body in bodies])
+        failed = [answer for answer in answers if answer[0] != 200]
+        return failed[0] if failed else (200, [payload for _, payload in answers])
 
     async def _generate_group(self, session: aiohttp.ClientSession, semaphore: asyncio.Semaphore,
                               group_index: int, prompt: list[int], *, n: int, sp: dict,
                               seed: int | None, layout: MoeLayout | None, compact: bool,
                               return_routes: bool, return_mask: bool) -> list[Sample]:
-        body = self._group_body(prompt, group_index=group_index, n=n, sp=sp, seed=seed,
-                                compact=compact, return_routes=return_routes,
-                                return_mask=return_mask)
+        bodies = self._group_bodies(prompt, group_index=group_index, n=n, sp=sp, seed=seed,
+                                    compact=compact, return_routes=return_routes,
+                                    return_mask=return_mask)
         last: Exception | None = None
         for attempt in range(self.retry.max_attempts):
             try:
-                async with semaphore:
-                    status, payload = await self._request(session, "POST", "/generate", body)
+                status, payload = await self._post_group(session, semaphore, bodies)
                 return self._group_samples(status, payload, group_index, prompt, n=n,
                                            layout=layout, return_routes=return_routes,
                                            return_mask=return_mask)

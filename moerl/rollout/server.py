@@ -30,8 +30,8 @@ Every client error is a 4xx JSON ``{"error": {"message": ..., "type": ..., "code
 "eos_token_ids", "dtype", "max_batch_size", "sampling_mask_max_tokens", "compact_encodings",
 "paused", "running", "waiting", "num_finished", "decode_steps"}``.
 
-:func:`launch_server` starts it as a subprocess (free port picked by the OS), waits until
-``/health`` answers and returns a :class:`ServerHandle`.
+:func:`moerl.rollout.launcher.launch_server` starts it as a subprocess (free port picked by the
+OS), waits until ``/health`` answers and returns a ``ServerHandle``.
 """
 
 from __future__ import annotations
@@ -43,15 +43,9 @@ import concurrent.futures
 import json
 import logging
 import os
-import secrets
 import signal
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -60,6 +54,8 @@ from aiohttp import web
 import moerl
 from moerl.rollout import http_guard, schema
 from moerl.rollout.engine import Engine, GenerationRequest
+# The launcher lives on the trainer's side (moerl.rollout.launcher); its names stay here too.
+from moerl.rollout.launcher import API_KEY_ENV, ServerHandle, launch_server  # noqa: F401
 from moerl.rollout.protocol import (
     COMPACT_MASK_ENCODING,
     COMPACT_ROUTES_ENCODINGS,
@@ -68,7 +64,6 @@ from moerl.rollout.protocol import (
 from moerl.rollout.schema import RequestError
 
 logger = logging.getLogger("moerl.rollout.server")
-API_KEY_ENV = "MOERL_ROLLOUT_API_KEY"
 
 _OPEN, _NORMAL, _ADMIN = "open", "normal", "admin"
 
@@ -122,6 +117,7 @@ class RolloutServer:
             sampling_mask_max_tokens=engine.sampling_mask_max_tokens,
             max_tokens_per_request=max_request_tokens, max_response_bytes=max_response_bytes,
             route_entries_per_token=len(engine.layout.moe_layers) * engine.layout.top_k)
+        self._started = time.time()
         self._num_calls = 0  # /generate calls so far: each call is one client of the engine
         self._groups: dict[str, Any] = {}
         self._session_open = False
@@ -139,6 +135,9 @@ class RolloutServer:
             ("GET", "/health", self.health, _OPEN), ("GET", "/health_generate", self.health, _OPEN),
             ("GET", "/model_info", self.model_info, _NORMAL),
             ("GET", "/get_model_info", self.model_info, _NORMAL),
+            ("GET", "/server_info", self.server_info, _NORMAL),
+            ("GET", "/get_server_info", self.server_info, _NORMAL),
+            ("GET", "/v1/models", self.models, _NORMAL),
             ("POST", "/generate", self.generate, _NORMAL),
             ("PUT", "/generate", self.generate, _NORMAL),
             ("GET", "/flush_cache", self.flush_cache, _ADMIN),
@@ -248,6 +247,30 @@ class RolloutServer:
                 "num_finished": e.num_finished, "decode_steps": e.steps,
             },
         })
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        """SGLang's ``/server_info``: the launch settings a load balancer reads when it registers
+        a worker (SGLang's router and SMG ask for it and refuse a worker without it)."""
+        e = self.engine
+        return _json({
+            "model_path": self.model_path, "served_model_name": self.model_path,
+            "tp_size": 1, "dp_size": 1, "pp_size": 1, "disaggregation_mode": "null",
+            "is_embedding": False, "context_length": e.context_length,
+            "max_running_requests": e.max_batch_size, "weight_version": e.weight_version,
+            "version": SGLANG_VERSION, "dtype": e.dtype,
+            "sampling_mask_max_tokens": e.sampling_mask_max_tokens,
+            # Built-in sampling is a pure function of (weights, prompt, sampling_seed).
+            "enable_deterministic_inference": True,
+            "enable_return_routed_experts": self.return_routed_experts,
+        })
+
+    async def models(self, request: web.Request) -> web.Response:
+        """The OpenAI-style model list SGLang serves; ``owned_by`` tells a load balancer which
+        engine's API this worker speaks."""
+        return _json({"object": "list", "data": [{
+            "id": self.model_path, "object": "model", "created": int(self._started),
+            "owned_by": "sglang", "root": self.model_path,
+            "max_model_len": self.engine.context_length}]})
 
     # ------------------------------------------------------------------ generate
 
@@ -592,94 +615,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.shutdown()
     sys.stdout.flush()
     os._exit(0)
-
-
-# ---------------------------------------------------------------------------------- launcher
-
-
-@dataclass
-class ServerHandle:
-    """A server subprocess started by :func:`launch_server`."""
-
-    process: subprocess.Popen
-    host: str
-    port: int
-    api_key: str | None
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Graceful shutdown (SIGTERM), then SIGKILL if it does not exit in time."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def kill(self) -> None:
-        """Immediate SIGKILL (simulates a crash)."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-
-    def log_tail(self, num_bytes: int = 4000) -> str:
-        try:
-            return self.log_path.read_bytes()[-num_bytes:].decode(errors="replace")
-        except OSError:
-            return ""
-
-
-def launch_server(model: str | Path, *, host: str = "127.0.0.1", port: int = 0,
-                  api_key: str | None = "auto", dtype: str = "float32", seed: int = 0,
-                  max_batch_size: int = 64, sampling_mask_max_tokens: int = 4096,
-                  log_level: str = "warning", num_threads: int = 0,
-                  extra_args: tuple[str, ...] = (), log_path: str | Path | None = None,
-                  startup_timeout_s: float = 180.0) -> ServerHandle:
-    """Start ``python -m moerl.rollout.server`` and wait until ``/health`` answers.
-
-    ``port=0`` lets the OS pick a free port (read back from ``--port-file``, so there is no
-    pick-then-bind race). ``api_key="auto"`` generates a random key (the handle carries it), so
-    the mutating endpoints work; pass ``None`` for a server without a key. The key travels in the
-    environment, not on the command line.
-    """
-    if api_key == "auto":
-        api_key = secrets.token_hex(16)
-    workdir = Path(tempfile.mkdtemp(prefix="moerl-rollout-"))
-    port_file = workdir / "port"
-    log_path = Path(log_path) if log_path else workdir / "server.log"
-    cmd = [sys.executable, "-m", "moerl.rollout.server", "--model", str(model), "--host", host,
-           "--port", str(port), "--port-file", str(port_file), "--dtype", dtype, "--seed",
-           str(seed), "--max-batch-size", str(max_batch_size), "--sampling-mask-max-tokens",
-           str(sampling_mask_max_tokens), "--log-level", log_level, "--num-threads",
-           str(num_threads), "--exit-with-parent", str(os.getpid()), *extra_args]
-    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
-    if api_key:
-        env[API_KEY_ENV] = api_key
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    handle = ServerHandle(process=process, host=host, port=port, api_key=api_key,
-                          log_path=log_path)
-    deadline = time.monotonic() + startup_timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"rollout server exited with code {process.returncode}:\n"
-                               f"{handle.log_tail()}")
-        if port_file.exists():
-            handle.port = int(port_file.read_text())
-            try:
-                with urllib.request.urlopen(handle.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return handle
-            except (urllib.error.URLError, OSError):
-                pass
-        time.sleep(0.1)
-    handle.kill()
-    raise TimeoutError(f"rollout server not healthy after {startup_timeout_s}s:\n"
-                       f"{handle.log_tail()}")
 
 
 class BackgroundServer:
