@@ -204,3 +204,24 @@ def test_replay_guards_refuse_fused_router_and_moving_bias(setting, value, match
     setattr(config, setting, value)
     with pytest.raises(ValueError, match=match):
         check_replay_config(config)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (dict(clip_qkv=8.0), "clip_qkv=8.0 is not supported"),
+    (dict(attention_bias=True), "attention_bias=true"),
+    (dict(head_dim=32), "head_dim=32 differs from hidden_size / num_attention_heads = 16"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
+     "rope_type 'linear'"),
+])
+def test_olmoe_configs_megatron_cannot_reproduce_are_refused(edit, match):
+    from transformers import OlmoeConfig
+
+    from moerl.families import architecture_from_hf
+
+    cfg = OlmoeConfig(vocab_size=53, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_experts=8,
+                      num_experts_per_tok=4).to_dict()
+    arch = architecture_from_hf(cfg)
+    assert arch.qk_norm_full_projection and arch.moe_layers == (True, True)
+    with pytest.raises(ValueError, match=match):
+        architecture_from_hf({**cfg, **edit})

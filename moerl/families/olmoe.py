@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from moerl.families import qwen3_moe
 from moerl.families.base import (
-    Family, MoEArchitecture, RouterRule, Unit, common_fields, decoder_units, gqa_attention_units,
-    require_default_rope, routed_expert_units, router_units)
+    Family, MoEArchitecture, RouterRule, common_fields, require_default_rope)
 
 
 def _refuse_unsupported(cfg: dict[str, Any]) -> None:
@@ -38,18 +38,8 @@ def read(cfg: dict[str, Any]) -> MoEArchitecture:
         qk_norm=True, qk_norm_full_projection=True)
 
 
-def megatron_settings(arch: MoEArchitecture) -> dict[str, Any]:
-    # The model builder swaps Megatron's per-head norms for full-projection ones.
-    return {"qk_layernorm": True}
-
-
-def units(arch: MoEArchitecture) -> list[Unit]:
-    def moe(meg: str, hf: str) -> list[Unit]:
-        return router_units(arch, meg, f"{hf}.gate") + routed_expert_units(arch, meg, hf)
-
-    return decoder_units(arch, attention=lambda meg, attn: gqa_attention_units(arch, meg, attn),
-                         moe_block=moe)
-
-
+# Megatron settings and tensor map are Qwen3-MoE's: same names, same layout, no dense layers; the
+# QK-norm weights' full-projection sizes and the model builder's norm follow from
+# ``qk_norm_full_projection`` in the record.
 FAMILY = Family(name="olmoe", model_types=("olmoe",), read=read,
-                megatron_settings=megatron_settings, units=units)
+                megatron_settings=qwen3_moe.megatron_settings, units=qwen3_moe.units)
