@@ -88,3 +88,27 @@ def make_deepseek_v3(out: Path, *, seed: int = 0, vocab_size: int = 59, yarn: bo
 
 
 MAKERS["deepseek_v3"] = make_deepseek_v3
+
+
+def make_olmoe(out: Path, *, seed: int = 0, vocab_size: int = 53, kv_heads: int = 2,
+               rms_norm_eps: float = 1e-6) -> Path:
+    """QK-norm over the full q/k projections (GQA by default: the key norm spans 2 heads), softmax
+    top-4 of 8 without renormalisation, every layer MoE, no shared expert. SGLang 0.5.23 serves
+    only ``kv_heads=4`` (no GQA) with ``rms_norm_eps=1e-5``, as OLMoE-1B-7B ships."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    config = OlmoeConfig(
+        vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=kv_heads, num_experts=8, num_experts_per_tok=4,
+        norm_topk_prob=False, max_position_embeddings=128, tie_word_embeddings=False,
+        rms_norm_eps=rms_norm_eps, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = OlmoeForCausalLM(config).float()
+    with torch.no_grad():  # non-trivial norm weights: a wrong slice per TP rank cannot hide
+        for name, param in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.uniform_(0.5, 1.5)
+    return _spread_and_save(model, out)
+
+
+MAKERS["olmoe"] = make_olmoe

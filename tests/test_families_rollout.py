@@ -1,6 +1,7 @@
 """The built-in rollout engine on a DeepSeek-V3 tiny model (MLA, YaRN, sigmoid router with expert
-bias and grouped top-k, a dense first layer, an odd vocabulary): the routes it reports are the
-logical expert ids the HF router selects (bias, group limit and all) for prompt and generated
+bias and grouped top-k, a dense first layer, an odd vocabulary) and an OLMoE tiny model
+(full-projection QK-norm, softmax top-4 of 8 without renormalisation): the routes it reports are
+the logical expert ids the HF router selects (bias, group limit and all) for prompt and generated
 tokens in SGLang's layout, and its full and truncated (keep-mask) log-probs equal a direct HF
 forward, as for Qwen3-MoE in ``tests/test_rollout_server.py``."""
 
@@ -13,26 +14,24 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from family_models import make_deepseek_v3  # noqa: E402
+from family_models import MAKERS  # noqa: E402
 
 from moerl.rollout.client import RolloutClient  # noqa: E402
+from moerl.rollout.protocol import MoeLayout  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TEMPERATURE = 0.8
 PROMPTS = [[1, 5, 9, 13], [1, 7], [1, 20, 21, 22, 23, 24, 25, 26]]
 
 
-@pytest.fixture(scope="module")
-def dsv3(tmp_path_factory):
-    return make_deepseek_v3(tmp_path_factory.mktemp("dsv3") / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def server(dsv3):
+@pytest.fixture(scope="module", params=["deepseek_v3", "olmoe"])
+def served(request, tmp_path_factory):
+    """(checkpoint, running built-in server) of one family's tiny model."""
     from moerl.rollout.server import BackgroundServer
 
-    handle = BackgroundServer(dsv3, api_key=None, max_batch_size=8)
-    yield handle
+    ckpt = MAKERS[request.param](tmp_path_factory.mktemp(request.param) / "ckpt")
+    handle = BackgroundServer(ckpt, api_key=None, max_batch_size=8)
+    yield ckpt, handle
     handle.stop()
 
 
@@ -63,19 +62,23 @@ def hf_reference(model_dir: Path, sample):
     return full_R, kept_R, picked
 
 
-def test_deepseek_v3_routes_and_logprobs_match_the_hf_router_and_forward(server, dsv3):
+def test_routes_and_logprobs_match_the_hf_router_and_forward(served):
+    ckpt, server = served
+    layout = MoeLayout.from_hf_config(ckpt)
     client = RolloutClient(server.url, api_key=None, concurrency=4)
     samples = client.generate_sync(PROMPTS, n=2, seed=3, sampling_params={
         "temperature": TEMPERATURE, "top_k": 12, "top_p": 0.9, "max_new_tokens": 16})
     assert len(samples) == 6
     for s in samples:
-        assert all(0 <= t < 59 for t in s.response_ids)  # the real vocabulary only
-        full_R, kept_R, picked = hf_reference(dsv3, s)
+        assert all(0 <= t < layout.vocab_size for t in s.response_ids)  # the real vocabulary
+        full_R, kept_R, picked = hf_reference(ckpt, s)
         assert torch.allclose(s.full_logprobs_R, full_R, atol=1e-5, rtol=0)
         assert torch.allclose(s.rollout_logprobs_R, kept_R, atol=1e-5, rtol=0)
         T = len(s.prompt_ids) + len(s.response_ids) - 1
-        assert s.routes_TLK.shape == (T, 3, 4)
-        assert not s.routes_TLK[:, 0].any()  # first_k_dense_replace=1: layer 0 dense, zeros
-        for layer in (1, 2):
+        assert s.routes_TLK.shape == (T, layout.num_hidden_layers, layout.top_k)
+        for layer in layout.dense_layers:  # DeepSeek-V3's first_k_dense_replace=1: zeros
+            assert not s.routes_TLK[:, layer].any()
+        assert sorted(picked) == list(layout.moe_layers)
+        for layer in layout.moe_layers:
             want = picked[layer][:T].sort(-1).values
             assert torch.equal(s.routes_TLK[:, layer].long().sort(-1).values, want), layer

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from model_common import fixed_batch, torchrun  # noqa: E402
+from model_common import hf_target_logprobs, torchrun  # noqa: E402
 
 LAYOUTS_2 = ("2,2,1", "2,1,1", "1,2,1", "2,1,2")  # tp,ep,etp on two processes (2,1,2: expert TP)
 LOGP_TOL = 1e-4  # the bound for fp32 HF parity
@@ -132,21 +132,10 @@ def test_broken_checkpoint_raises_clear_value_error(bridge, name):
     assert BROKEN[name][1] in message, message
 
 
-def _hf_target_logprobs(ckpt: Path) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32,
-                                                 attn_implementation="eager")
-    ids, _ = fixed_batch(model.config.vocab_size)
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits.float(), dim=-1)[:, :-1]
-    return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-
-
 @pytest.mark.parametrize("run", EXPECTED_RUNS)
 def test_logprobs_match_transformers(bridge, run):
     name, spec = run.split("/")
-    reference = _hf_target_logprobs(bridge["ckpts"][name])
+    reference = hf_target_logprobs(bridge["ckpts"][name])
     megatron = torch.load(bridge["out"] / f"logp_{name}_{spec.replace(',', '_')}.pt",
                           weights_only=True)
     assert megatron.shape == reference.shape

@@ -90,6 +90,34 @@ def test_shard_is_s_major_per_sequence_parallel_rank():
         shard_routes(routes_BTLK, layout=layout(3, 0))
 
 
+@pytest.mark.parametrize("num_experts", [64, 300])  # uint8, int16 on the host
+def test_routes_reach_the_device_compact_and_widen_to_int64_only_there(num_experts):
+    """Host-held routes cross to the model's device in their compact type; Megatron's int64 index
+    is made on the device (``.to(device, int64)`` in one call would widen on the host and copy 8x
+    the bytes). The "meta" device stands in for a GPU; a dispatch mode logs every widening."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class WideningLog(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.inputs = []  # (device type, dtype) of every tensor widened to int64
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if (isinstance(out, torch.Tensor) and out.dtype == torch.int64 and src is not None
+                    and src.dtype != torch.int64):
+                self.inputs.append((src.device.type, src.dtype))
+            return out
+
+    routes_BTLK = torch.randint(0, num_experts, (2, 4, 3, 2)).to(route_dtype(num_experts))
+    with WideningLog() as log:
+        got = shard_routes(routes_BTLK, layout=layout(2, 1), device="meta")
+    assert {t.device.type for t in got.per_layer} == {"meta"}
+    assert {t.dtype for t in got.per_layer} == {torch.int64}
+    assert log.inputs == [("meta", route_dtype(num_experts))]
+
+
 def test_routes_to_megatron_round_trip():
     lengths, seq_len, tp = (8, 5, 2), 8, 2
     wire = [wire_routes(n, seed=10 + n) for n in lengths]
@@ -283,7 +311,7 @@ def test_replay_on_real_models_tp2_ep2():
     results = _results(out)
     assert sorted(r["rank"] for r in results) == [0, 1]
     for r in results:
-        for flavour in ("norm_topk_True", "norm_topk_False", "sigmoid_grouped"):
+        for flavour in ("norm_topk_True", "norm_topk_False", "sigmoid_grouped", "olmoe"):
             assert r[flavour]["exact_fraction"] == 1.0
             assert r[flavour]["perturbed_exact_fraction"] == 1.0
 
@@ -295,3 +323,4 @@ def test_replay_on_real_models_tp1():
     (result,) = _results(out)
     assert result["norm_topk_False"]["exact_fraction"] == 1.0
     assert result["sigmoid_grouped"]["exact_fraction"] == 1.0
+    assert result["olmoe"]["exact_fraction"] == 1.0

@@ -1,7 +1,7 @@
 """Parity of moerl's Megatron model with Hugging Face transformers on the same weights.
 
     torchrun --nproc_per_node N tools/parity.py --hf DIR --tp T --ep E [--etp K]
-             [--batch B --seq S --seed X] [--bf16]
+             [--batch B --seq S --seed X | --ids FILE] [--bf16] [--dump FILE]
 
 Loads the HF checkpoint into the sharded Megatron model (``hf_bridge.load_hf_weights``), runs a
 fixed random batch (token ids uniform over the vocabulary, every sequence full length, seeded) in
@@ -15,6 +15,9 @@ the trainer's device) on the same batch. Rank 0 prints one JSON line:
   token_route_mismatch  fraction of tokens whose experts differ in at least one MoE layer
   plus the layout (world, tp, ep, etp, dp) and the batch shape.
 
+``--ids FILE`` (a JSON list of equal-length token-id lists, e.g. a rollout engine's prompt +
+response) replaces the random batch; ``--dump FILE`` saves the trainer side's ``logp_BS`` ``[B, S-1]``
+and natural ``routes_BSLK`` ``[B, S, L_moe, K]`` (torch.save), to hold another engine to them.
 Every data-parallel rank runs the same batch (the point is the model, not the data split).
 Exits non-zero with a message when the checkpoint does not fit the layout.
 """
@@ -38,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=32, help="a multiple of --tp")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="both models in bfloat16")
+    parser.add_argument("--ids", help="JSON file: equal-length token-id lists to run instead of "
+                        "the random batch (length a multiple of --tp)")
+    parser.add_argument("--dump", help="torch.save the trainer's logp_BS and routes_BSLK here")
     return parser.parse_args(argv)
 
 
@@ -105,6 +111,25 @@ def hf_side(args, arch, ids_BS, device):
     return logp_BS.float().cpu(), routes_BSLK.cpu()
 
 
+def input_ids(args, vocab_size: int) -> torch.Tensor:
+    """``[B, S]``: the ``--ids`` file, or a seeded uniform random batch."""
+    if args.ids:
+        rows = json.loads(open(args.ids).read())
+        if not rows or len({len(r) for r in rows}) != 1:
+            raise SystemExit(f"--ids {args.ids}: needs equal-length, non-empty token-id lists")
+        ids_BS = torch.tensor(rows, dtype=torch.long)
+        if int(ids_BS.min()) < 0 or int(ids_BS.max()) >= vocab_size:
+            raise SystemExit(f"--ids {args.ids}: token ids must lie in [0, {vocab_size})")
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        ids_BS = torch.randint(0, vocab_size, (args.batch, args.seq), generator=gen)
+    seq = ids_BS.shape[1]
+    if seq % args.tp or seq < 2:
+        raise SystemExit(f"sequence length {seq} must be >= 2 and a multiple of --tp={args.tp} "
+                         "(sequence parallelism)")
+    return ids_BS
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from transformers import AutoConfig
@@ -113,15 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     from moerl.trainer.parallel import destroy_parallel, init_parallel
     from moerl.trainer.routing_replay import routing_agreement
 
-    if args.seq % args.tp or args.seq < 2:
-        raise SystemExit(f"--seq={args.seq} must be >= 2 and a multiple of --tp={args.tp} "
-                         "(sequence parallelism)")
     arch = architecture_from_hf(AutoConfig.from_pretrained(args.hf))
+    ids_BS = input_ids(args, arch.vocab_size)
+    args.batch, args.seq = ids_BS.shape
     layout, groups = init_parallel(tp=args.tp, ep=args.ep, etp=args.etp, seed=args.seed)
     try:
-        gen = torch.Generator().manual_seed(args.seed)
-        ids_BS = torch.randint(0, arch.vocab_size, (args.batch, args.seq), generator=gen)
         logp_BS, routes_BSLK, device = trainer_side(args, arch, layout, groups, ids_BS)
+        if layout.rank == 0 and args.dump:
+            torch.save({"logp_BS": logp_BS, "routes_BSLK": routes_BSLK}, args.dump)
         if layout.rank == 0:
             hf_logp_BS, hf_routes_BSLK = hf_side(args, arch, ids_BS, device)
             diff = (logp_BS - hf_logp_BS).abs()

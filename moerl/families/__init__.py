@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moerl.families import deepseek_v3, glm4_moe, mixtral, qwen2_moe, qwen3_moe
+from moerl.families import deepseek_v3, glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
 from moerl.families.base import Family, MoEArchitecture, RouterRule, Unit
 
 __all__ = ["FAMILIES", "Family", "MoEArchitecture", "RouterRule", "Unit", "architecture_from_hf",
@@ -16,7 +16,7 @@ __all__ = ["FAMILIES", "Family", "MoEArchitecture", "RouterRule", "Unit", "archi
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (qwen3_moe.FAMILY, mixtral.FAMILY,
                                                    qwen2_moe.FAMILY, glm4_moe.FAMILY,
-                                                   deepseek_v3.FAMILY)}
+                                                   deepseek_v3.FAMILY, olmoe.FAMILY)}
 
 
 def family_of(arch: MoEArchitecture) -> Family:

@@ -93,7 +93,8 @@ class MoEArchitecture:
     tie_word_embeddings: bool
     max_position_embeddings: int
     router: RouterRule
-    qk_norm: bool = False  # per-head RMSNorm of queries and keys
+    qk_norm: bool = False  # RMSNorm of queries and keys (per head unless qk_norm_full_projection)
+    qk_norm_full_projection: bool = False  # one RMSNorm over all heads' q (and k) values (OLMoE)
     shared_expert_ffn: int = 0  # width of the always-on shared expert MLP; 0: none
     shared_expert_gate: bool = False  # shared expert output scaled by sigmoid(h . w) (Qwen2-MoE)
     rotary_percent: float = 1.0  # fraction of each head's dims that RoPE rotates
@@ -226,7 +227,7 @@ def gqa_attention_units(arch: MoEArchitecture, meg: str, attn: str, *,
                         proj: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
                         qk_norm_names: tuple[str, str] = ("q_norm", "k_norm"),
                         qkv_bias: bool = False) -> list[Unit]:
-    """Fused QKV (and its bias), optional per-head QK-norm, output projection of a GQA block."""
+    """Fused QKV (and its bias), optional QK-norm, output projection of a GQA block."""
     h, d = arch.hidden_size, arch.head_dim
     q_dim, kv_dim = arch.num_heads * d, arch.num_kv_heads * d
     q, k, v, o = proj
@@ -238,9 +239,12 @@ def gqa_attention_units(arch: MoEArchitecture, meg: str, attn: str, *,
                           ((f"{attn}.{q}.bias", (q_dim,)), (f"{attn}.{k}.bias", (kv_dim,)),
                            (f"{attn}.{v}.bias", (kv_dim,))), "qkv"))
     if arch.qk_norm:
+        # Per head: one [d] weight shared by the heads; full projection: one weight per value,
+        # held whole on every TP rank (moerl.trainer.qk_norm).
+        sizes = (q_dim, kv_dim) if arch.qk_norm_full_projection else (d, d)
         units += [Unit(f"{meg}.self_attention.{which}_layernorm.weight",
-                       ((f"{attn}.{norm}.weight", (d,)),), "none")
-                  for which, norm in zip("qk", qk_norm_names)]
+                       ((f"{attn}.{norm}.weight", (size,)),), "none")
+                  for which, norm, size in zip("qk", qk_norm_names, sizes)]
     units.append(Unit(f"{meg}.self_attention.linear_proj.weight",
                       ((f"{attn}.{o}.weight", (h, q_dim)),), "cols"))
     return units

@@ -139,6 +139,10 @@ def build_gpt_model(arch: MoEArchitecture, layout: ParallelLayout, *, bf16: bool
         from moerl.trainer.mla_attention import use_local_mla_core_attention
 
         use_local_mla_core_attention(spec)
+    if arch.qk_norm_full_projection:
+        from moerl.trainer.qk_norm import use_full_projection_qk_norm
+
+        use_full_projection_qk_norm(spec)
     return GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=arch.padded_vocab_size(layout.tp),
         max_sequence_length=arch.max_position_embeddings, position_embedding_type="rope",

@@ -82,6 +82,20 @@ def target_logprobs(model, ids, positions, tp: int, vocab_size: int):
     return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
+def hf_target_logprobs(ckpt: Path):
+    """transformers' fp32 (eager attention) log-probs of :func:`fixed_batch`'s next tokens
+    ``[b, s-1]``: the reference the Megatron side's :func:`target_logprobs` is held to."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32,
+                                                 attn_implementation="eager")
+    ids, _ = fixed_batch(model.config.vocab_size)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits.float(), dim=-1)[:, :-1]
+    return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
 def export_dict(model, arch, layout, groups, source: str = "param") -> dict:
     from moerl.trainer.hf_bridge import export_hf_weights
 

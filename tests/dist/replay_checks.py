@@ -5,7 +5,8 @@ Run by ``tests/test_routing_replay.py``:
     python tests/dist/replay_checks.py --tp 1 --ep 1
 For each router flavour (``norm_topk_prob`` True -> ``moe_router_pre_softmax=False``, and False ->
 ``True``, on the tiny Qwen3-MoE; ``sigmoid_grouped``, a GLM-4.5-shaped model with a non-zero expert
-bias, grouped top-k, a scaling factor and a shared expert; random Megatron init) it checks, on a
+bias, grouped top-k, a scaling factor and a shared expert; ``olmoe``, an OLMoE-shaped model (softmax
+without renormalisation, QK-norm over the full projection across TP ranks); random Megatron init) it checks, on a
 batch of samples of different lengths with right padding (for the sigmoid flavour the given routes
 ignore the group limit, so exactness also proves group selection is skipped under replay, and the
 hand gate weights are the unbiased sigmoid renormalised and scaled: the bias never enters):
@@ -40,7 +41,7 @@ from moerl.trainer.parallel import destroy_parallel, init_parallel
 from moerl.trainer.routing_replay import (RoutingReplay, pack_routes_BTLK, routes_to_megatron,
                                           routing_agreement)
 
-FLAVOURS = ("norm_topk_True", "norm_topk_False", "sigmoid_grouped")
+FLAVOURS = ("norm_topk_True", "norm_topk_False", "sigmoid_grouped", "olmoe")
 LENGTHS = (12, 9, 5)  # tokens per sample; seq_len 12 is a multiple of tp
 SEQ_LEN = 12
 
@@ -48,7 +49,15 @@ SEQ_LEN = 12
 def tiny_arch(flavour: str):
     """``norm_topk_True`` / ``norm_topk_False``: the tiny Qwen3-MoE with either softmax router
     path; ``sigmoid_grouped``: a GLM-4.5-shaped model (sigmoid + expert bias, 4 groups top-2,
-    scaling factor 2.5, shared expert, dense layer 0)."""
+    scaling factor 2.5, shared expert, dense layer 0); ``olmoe``: OLMoE-shaped (softmax top-4 of 8
+    without renormalisation, full-projection QK-norm, GQA)."""
+    if flavour == "olmoe":
+        from transformers import OlmoeConfig
+
+        return architecture_from_hf(OlmoeConfig(
+            vocab_size=61, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=4,
+            norm_topk_prob=False))
     if flavour == "sigmoid_grouped":
         from transformers import Glm4MoeConfig
 
