@@ -98,8 +98,9 @@ class Mode:
 
 FULL = Mode(arms=("grpo_r3_mask", "gspo", "grpo", "gspo_r3", "grpo_mask", "grpo_fp16"),
             seeds=(1, 2, 3), steps=100, eval_every=10, warm_steps=1500, warm_target=0.2)
+# The same warm start as FULL (one cached checkpoint serves both).
 QUICK = Mode(arms=("grpo_r3_mask", "gspo", "grpo"), seeds=(1, 2), steps=4, eval_every=2,
-             warm_steps=150, warm_target=0.2)
+             warm_steps=FULL.warm_steps, warm_target=FULL.warm_target)
 VARIANT = "deep_moe"
 
 SERIES = [("score/mean", "sample accuracy"), ("eval/accuracy", "greedy eval accuracy"),
