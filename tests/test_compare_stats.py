@@ -56,3 +56,26 @@ def test_collapse_rule_needs_a_sustained_drop_below_half_the_start():
     grads = [(0, 0.5), (1, 0.7), (2, "nan"), (3, "inf")]
     assert steps_to_collapse(_run([(0, 0.4), (4, 0.4)], grads)) == 2
     assert steps_to_collapse(_run([(0, 0.4)], [(0, "nan"), (1, 0.3)])) is None
+
+
+def test_compare_pools_mechanism_metrics_token_weighted():
+    import compare
+
+    def record(step, same, rerouted, abs_same, abs_rerouted, k3):
+        r = {"step": step, "mech/tokens_same": same, "mech/tokens_rerouted": rerouted,
+             "mech/abs_logratio_same": abs_same, "mech/abs_logratio_rerouted": abs_rerouted,
+             "mech/tokens_dlayers0": same, "mech/tokens_dlayers1": rerouted,
+             "mech/k3_dlayers0": k3[0], "mech/k3_dlayers1": k3[1]}
+        r.update({f"mech/hist_same_b{i}": float(i == 2) * same for i in range(10)})
+        r.update({f"mech/hist_rerouted_b{i}": float(i == 7) * rerouted for i in range(10)})
+        return r
+
+    pooled = compare.mechanism_of([record(0, 30, 10, 1e-3, 0.2, (1e-6, "nan")),
+                                   record(1, 10, 30, 3e-3, 0.4, (3e-6, 0.05)),
+                                   {"step": 2, "score/mean": 0.5}])  # a record without mech/
+    assert pooled["hist"]["same"][2] == 40 and pooled["hist"]["rerouted"][7] == 40
+    assert pooled["abs_logratio"]["same"] == pytest.approx((30 * 1e-3 + 10 * 3e-3) / 40)
+    assert pooled["abs_logratio"]["rerouted"] == pytest.approx((10 * 0.2 + 30 * 0.4) / 40)
+    assert pooled["tokens_by_dlayers"] == {0: 40, 1: 40}
+    assert pooled["k3_by_dlayers"][0] == pytest.approx((30 * 1e-6 + 10 * 3e-6) / 40)
+    assert pooled["k3_by_dlayers"][1] == pytest.approx(0.05)  # the NaN step carries no weight

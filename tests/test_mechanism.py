@@ -103,3 +103,26 @@ def test_policy_grad_weights_is_zero_exactly_on_clipped_tokens():
     assert m["mech/grad_share_rerouted"] == 0.0
     assert update_sums(_batch(old, old, adv, mask), logprobs, obj, global_num_tokens=tokens,
                        global_num_seqs=seqs) == {}  # no routes: nothing to split
+
+
+def test_warm_start_route_fragility_counts_answer_tokens(tmp_path):
+    """moerl.warmstart.route_fragility: fp32 against itself reroutes nothing; bf16 reroutes some
+    answer tokens of a random 12-layer, 64-expert top-8 model; only answer tokens count."""
+    from transformers import AutoModelForCausalLM
+
+    from moerl.tasks.chain import ChainArithmeticTask
+    from moerl.tiny_model import TINY_VARIANTS, create_tiny_hf_model
+    from moerl.warmstart import route_fragility
+
+    path = create_tiny_hf_model(tmp_path / "m", **dict(TINY_VARIANTS["deep_moe"],
+                                                      hidden_size=32, num_hidden_layers=4))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    task = ChainArithmeticTask(max_operand=9, num_terms=3)
+    prompts = task.prompts(0, 8)
+    answer_tokens = sum(len(task.sft_text(p)) - len(p.ids) for p in prompts)
+    same = route_fragility(model, task, prompts, dtype=torch.float32)
+    assert same["tokens"] == answer_tokens and same["token_route_mismatch"] == 0.0
+    assert same["route_agreement"] == 1.0
+    low = route_fragility(model, task, prompts)
+    assert low["dtype"] == "bfloat16" and 0.0 < low["token_route_mismatch"] <= 1.0
+    assert low["route_agreement"] < 1.0

@@ -98,9 +98,10 @@ class Mode:
 
 FULL = Mode(arms=("grpo_r3_mask", "gspo", "grpo", "gspo_r3", "grpo_mask", "grpo_fp16"),
             seeds=(1, 2, 3), steps=100, eval_every=10, warm_steps=1500, warm_target=0.2)
-# The same warm start as FULL (one cached checkpoint serves both).
+# A short warm start (~100 s idle): the quick mode proves the pipeline and measures step times
+# and step-0 routing; its policy is rarely right yet, so its rewards carry little signal.
 QUICK = Mode(arms=("grpo_r3_mask", "gspo", "grpo"), seeds=(1, 2), steps=4, eval_every=2,
-             warm_steps=FULL.warm_steps, warm_target=FULL.warm_target)
+             warm_steps=100, warm_target=0.2)
 VARIANT = "deep_moe"
 
 SERIES = [("score/mean", "sample accuracy"), ("eval/accuracy", "greedy eval accuracy"),
@@ -229,41 +230,38 @@ def paired(summary: dict, arms: list[str]) -> list[dict]:
 
 
 def mechanism(out: Path, arms: list[str], seeds: list[int]) -> dict:
-    """Per arm, over all steps and seeds: the |log ratio| histograms (token counts per bin) of
-    identically routed and rerouted tokens, their mean |log ratio|, and the token-weighted k3 per
-    number of differing MoE layers (moerl.mechanism's metrics)."""
-    result = {}
-    for arm in arms:
-        records = [r for s in seeds for r in read_series(out / arm / f"seed{s}")
-                   if "mech/tokens_same" in r]
-        agg: dict[str, float] = {}
-        for r in records:
-            for key, value in r.items():
-                if key.startswith(("mech/hist_", "mech/tokens_")):
-                    agg[key] = agg.get(key, 0.0) + _num(value)
-                elif key.startswith(("mech/abs_logratio_", "mech/k3_dlayers")):
-                    group = key.split("/", 1)[1].split("_", 2)[-1] if "abs" in key else (
-                        "dlayers" + key.rsplit("dlayers", 1)[1])
-                    weight = _num(r.get(f"mech/tokens_{group}", 0))
-                    if weight and math.isfinite(_num(value)):
-                        agg["w_" + key] = agg.get("w_" + key, 0.0) + weight * _num(value)
-        entry = {"hist": {}, "abs_logratio": {}, "k3_by_dlayers": {}, "tokens_by_dlayers": {}}
-        for group in ("same", "rerouted"):
-            bins = sorted((int(k.rsplit("_b", 1)[1]), v) for k, v in agg.items()
-                          if k.startswith(f"mech/hist_{group}_b"))
-            entry["hist"][group] = [v for _, v in bins]
-            tokens = agg.get(f"mech/tokens_{group}", 0.0)
-            entry["abs_logratio"][group] = (agg.get(f"w_mech/abs_logratio_{group}", 0.0) / tokens
-                                            if tokens else math.nan)
-        layers = sorted(int(k.rsplit("dlayers", 1)[1]) for k in agg
-                        if k.startswith("mech/tokens_dlayers"))
-        for d in layers:
-            tokens = agg[f"mech/tokens_dlayers{d}"]
-            entry["tokens_by_dlayers"][d] = tokens
-            entry["k3_by_dlayers"][d] = (agg.get(f"w_mech/k3_dlayers{d}", 0.0) / tokens
-                                         if tokens else math.nan)
-        result[arm] = entry
-    return result
+    """:func:`mechanism_of` each arm, over all its steps and seeds."""
+    return {arm: mechanism_of([r for s in seeds for r in read_series(out / arm / f"seed{s}")])
+            for arm in arms}
+
+
+def mechanism_of(records: list[dict]) -> dict:
+    """moerl.mechanism's per-step metrics pooled over ``records``: the |log ratio| histograms
+    (token counts per bin) of identically routed and rerouted tokens, their token-weighted mean
+    |log ratio|, and per number of differing MoE layers the tokens and their token-weighted k3."""
+    from moerl.mechanism import GROUPS, NUM_BINS
+
+    records = [r for r in records if "mech/tokens_same" in r]
+
+    def total(key):
+        return sum(_num(r.get(key, 0)) for r in records)
+
+    def weighted_mean(key, weight_key):
+        pairs = [(_num(r[weight_key]), _num(r[key])) for r in records if key in r]
+        pairs = [(w, v) for w, v in pairs if w and math.isfinite(v)]
+        weight = sum(w for w, _ in pairs)
+        return sum(w * v for w, v in pairs) / weight if weight else math.nan
+
+    layers = sorted(int(k.removeprefix("mech/tokens_dlayers")) for k in
+                    (records[0] if records else {}) if k.startswith("mech/tokens_dlayers"))
+    return {
+        "hist": {g: [total(f"mech/hist_{g}_b{i}") for i in range(NUM_BINS)] for g in GROUPS},
+        "abs_logratio": {g: weighted_mean(f"mech/abs_logratio_{g}", f"mech/tokens_{g}")
+                         for g in GROUPS},
+        "tokens_by_dlayers": {d: total(f"mech/tokens_dlayers{d}") for d in layers},
+        "k3_by_dlayers": {d: weighted_mean(f"mech/k3_dlayers{d}", f"mech/tokens_dlayers{d}")
+                          for d in layers},
+    }
 
 
 def _cell(stats: dict, fmt: str) -> str:
