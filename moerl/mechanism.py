@@ -23,6 +23,9 @@ import math
 
 import torch
 
+from moerl.batch import RolloutBatch
+from moerl.objective import AGGREGATIONS, POLICY_LOSSES, Objective, loss_mask
+
 # Upper edges of the |log ratio| histogram bins (the last bin is open): log-spaced from 1e-4,
 # where bf16 rounding lives, to 1, a ratio of e.
 LOGRATIO_EDGES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
@@ -124,13 +127,12 @@ def grad_split_metrics(sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def policy_grad_weights(mb, logprobs_BT: torch.Tensor, obj, *, global_num_tokens: torch.Tensor,
+def policy_grad_weights(mb: RolloutBatch, logprobs_BT: torch.Tensor, obj: Objective, *,
+                        global_num_tokens: torch.Tensor,
                         global_num_seqs: torch.Tensor) -> torch.Tensor:
     """``dL_pg/d logprobs_BT`` of the policy-gradient term alone (rollout correction included;
-    the KL and entropy terms left out, so a clipped token's weight is exactly zero), aggregated
-    as the objective aggregates it. Differentiates the loss math only, not the model."""
-    from moerl.objective import AGGREGATIONS, POLICY_LOSSES, loss_mask
-
+    the KL and entropy terms and OPSM's sequence mask left out, so a clipped token's weight is
+    exactly zero), aggregated as the objective aggregates it. Differentiates the loss math only, not the model."""
     mask = loss_mask(mb, obj)
     loss_BT, _ = POLICY_LOSSES[obj.policy_loss](
         logprobs_BT, mb.old_logprobs_BT, mb.advantages_BT, mask, eps_low=obj.clip_eps_low,
@@ -143,15 +145,14 @@ def policy_grad_weights(mb, logprobs_BT: torch.Tensor, obj, *, global_num_tokens
     return grad_BT
 
 
-def update_sums(mb, logprobs_BT: torch.Tensor, obj, *, global_num_tokens: torch.Tensor,
+def update_sums(mb: RolloutBatch, logprobs_BT: torch.Tensor, obj: Objective, *,
+                global_num_tokens: torch.Tensor,
                 global_num_seqs: torch.Tensor) -> dict[str, torch.Tensor]:
     """:func:`grad_split_sums` of one micro-batch, rerouted meaning that the engine's routes and
     the trainer's natural routes differ in at least one MoE layer; empty when the batch has no
     routes (an engine that does not return them) or the log-probs carry no gradient."""
     if mb.routes_BTLK is None or mb.trainer_routes_BTLK is None or not logprobs_BT.requires_grad:
         return {}
-    from moerl.objective import loss_mask
-
     grad_BT = policy_grad_weights(mb, logprobs_BT, obj, global_num_tokens=global_num_tokens,
                                   global_num_seqs=global_num_seqs)
     rerouted_BT = route_diff_layers(mb.routes_BTLK, mb.trainer_routes_BTLK) > 0

@@ -14,7 +14,8 @@ The collapse rule is fixed before any run (pre-registered here and in the README
 **collapses at eval step s** when its greedy evaluation accuracy at s and at every later
 evaluation is below ``COLLAPSE_FRACTION`` (one half) of its accuracy at step 0 (the warm start),
 or when its training stops producing finite gradient norms (every step from s on has a
-non-finite mean gradient norm). Steps-to-collapse is that s; a run that recovers above the line did not collapse.
+non-finite mean gradient norm). Steps-to-collapse is that s; a run that recovers above the
+line did not collapse.
 
 Pure Python (no numpy/scipy): importable anywhere the report is read.
 """
