@@ -21,8 +21,8 @@ fp32 trainer, top-p sampling, several mini-batch updates per rollout (off-policy
                                      tokens, k3 vs number of differing layers, clip/grad split
 
 Resumable: a run with a ``done.json`` is not rerun; an interrupted run resumes from its last
-checkpoint. ``--quick`` (3 arms x 2 seeds x 4 steps, short warm start) proves the whole
-pipeline in under 10 minutes on an idle 2-core CPU; the default is the full comparison
+checkpoint. ``--quick`` (3 arms x 2 seeds x 3 steps, a 50-step warm start) proves the whole
+pipeline, estimated at ~10 minutes on an idle 2-core CPU; the default is the full comparison
 (``FULL``: its size and the time estimate are in the README). Statistics and the collapse rule:
 ``tools/compare_stats.py``.
 """
@@ -96,12 +96,14 @@ class Mode:
     warm_target: float
 
 
-FULL = Mode(arms=("grpo_r3_mask", "gspo", "grpo", "gspo_r3", "grpo_mask", "grpo_fp16"),
-            seeds=(1, 2, 3), steps=100, eval_every=10, warm_steps=1500, warm_target=0.2)
-# A short warm start (~100 s idle): the quick mode proves the pipeline and measures step times
-# and step-0 routing; its policy is rarely right yet, so its rewards carry little signal.
-QUICK = Mode(arms=("grpo_r3_mask", "gspo", "grpo"), seeds=(1, 2), steps=4, eval_every=2,
-             warm_steps=100, warm_target=0.2)
+# Sized for ~90 minutes on an idle 2-core CPU (README: 4 x 3 x 50 = 600 RL steps at an estimated
+# 5-9 s each, plus start-up and evaluations). Hundreds of steps per run: --steps 200 (~4x).
+FULL = Mode(arms=("grpo_r3_mask", "gspo", "grpo", "gspo_r3"), seeds=(1, 2, 3), steps=50,
+            eval_every=10, warm_steps=1500, warm_target=0.2)
+# A short warm start: the quick mode proves the pipeline and measures step times and step-0
+# routing; its policy is not yet right on whole chains, so its rewards carry little signal.
+QUICK = Mode(arms=("grpo_r3_mask", "gspo", "grpo"), seeds=(1, 2), steps=3, eval_every=3,
+             warm_steps=50, warm_target=0.2)
 VARIANT = "deep_moe"
 
 SERIES = [("score/mean", "sample accuracy"), ("eval/accuracy", "greedy eval accuracy"),
@@ -425,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare2")
     parser.add_argument("--quick", action="store_true",
-                        help="3 arms x 2 seeds x 4 steps, short warm start: under 10 minutes on "
-                             "an idle 2-core CPU")
+                        help="3 arms x 2 seeds x 3 steps, 50-step warm start: the pipeline end "
+                             "to end, ~10 minutes on an idle 2-core CPU (estimated)")
     parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=None,
                         help=f"default: {' '.join(FULL.arms)} (--quick: {' '.join(QUICK.arms)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
