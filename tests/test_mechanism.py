@@ -107,7 +107,7 @@ def test_policy_grad_weights_is_zero_exactly_on_clipped_tokens():
 
 def test_warm_start_route_fragility_counts_answer_tokens(tmp_path):
     """moerl.warmstart.route_fragility: fp32 against itself reroutes nothing; bf16 reroutes some
-    answer tokens of a random 12-layer, 64-expert top-8 model; only answer tokens count."""
+    answer tokens of a small random all-MoE model; only answer tokens count."""
     from transformers import AutoModelForCausalLM
 
     from moerl.tasks.chain import ChainArithmeticTask
@@ -115,7 +115,8 @@ def test_warm_start_route_fragility_counts_answer_tokens(tmp_path):
     from moerl.warmstart import route_fragility
 
     path = create_tiny_hf_model(tmp_path / "m", **dict(TINY_VARIANTS["deep_moe"],
-                                                      hidden_size=32, num_hidden_layers=4))
+                                                      hidden_size=32, num_hidden_layers=4,
+                                                      num_experts=16, num_experts_per_tok=4))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     task = ChainArithmeticTask(max_operand=9, num_terms=3)
     prompts = task.prompts(0, 8)
