@@ -363,7 +363,7 @@ def plot_mechanism(out: Path, mech: dict, summary: dict) -> Path:
     from moerl.mechanism import LOGRATIO_EDGES
 
     fig, axes = plt.subplots(1, 3, figsize=(19, 5))
-    labels = ["<1e-4"] + [f"<{e:g}" for e in LOGRATIO_EDGES[1:]] + [f">={LOGRATIO_EDGES[-1]:g}"]
+    labels = [f"<={e:g}" for e in LOGRATIO_EDGES] + [f">{LOGRATIO_EDGES[-1]:g}"]
     for i, (arm, entry) in enumerate(mech.items()):
         for group, style in (("same", "--"), ("rerouted", "-")):
             counts = entry["hist"].get(group) or []
