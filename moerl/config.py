@@ -256,8 +256,11 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    name: Literal["arithmetic", "jsonl_math", "dataset", "preference_jsonl"] = "arithmetic"
+    name: Literal["arithmetic", "chain", "jsonl_math", "dataset", "preference_jsonl"] = (
+        "arithmetic")
     """arithmetic: synthetic sums with an exact verifier and its own tokenizer (CPU default);
+    chain: the same sums answered step by step with every partial sum written out (responses of
+    tens of tokens; exact verifier on the whole chain; moerl.tasks.chain);
     jsonl_math: {"prompt", "answer"} lines with a math answer verifier and the model's HF
     tokenizer; dataset: your own prompts (JSONL, Parquet or a datasets save_to_disk directory,
     fields mapped by prompt_field/answer_field) with the model's HF tokenizer and chat template,
@@ -304,9 +307,9 @@ class TaskConfig:
     pass_threshold: float = 1.0
     """A sample counts as solved for pass@k when its score is at least this."""
     max_operand: int = 9
-    """arithmetic: operands are drawn from 0..max_operand."""
+    """arithmetic, chain: operands are drawn from 0..max_operand."""
     num_terms: int = 2
-    """arithmetic: operands per problem."""
+    """arithmetic, chain: operands per problem."""
     eval_size: int = 64
     """Size of the fixed evaluation set."""
     seed: int = 7

@@ -41,12 +41,19 @@ TINY_QWEN3_MOE: dict[str, Any] = dict(
 # The "_moe" variants have no dense layer: SGLang 0.5.23 builds every Qwen3-MoE layer as MoE and
 # ignores mlp_only_layers, so only these can be served by a real SGLang server (released Qwen3-MoE
 # checkpoints have no dense layers either).
+# "deep_moe" is the fragile one of the second comparison: 12 MoE layers of 64 experts, top-8,
+# all MoE (so SGLang serves it). DESIGN.md's measurement puts a random 12 / 64 top-8 model at
+# ~58% of tokens rerouted between bf16 and fp32; narrow experts keep it at ~1M parameters so a
+# CPU step stays cheap.
 _WIDE = dict(num_hidden_layers=5, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=16)
+_DEEP = dict(num_hidden_layers=12, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=8,
+             mlp_only_layers=[])
 TINY_VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": {},
     "wide": _WIDE,
     "tiny_moe": dict(mlp_only_layers=[]),
     "wide_moe": dict(_WIDE, mlp_only_layers=[]),
+    "deep_moe": _DEEP,
 }
 
 

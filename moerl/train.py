@@ -45,6 +45,8 @@ from moerl.config import Config, ConfigError, add_cli_arguments, config_from_arg
 from moerl.config import describe_options, dump_yaml, to_dict
 from moerl.data_parallel import DataParallel
 from moerl.evaluation import dump_samples, eval_metrics
+from moerl.mechanism import grad_split_metrics, mismatch_split_counts, mismatch_split_metrics
+from moerl.mechanism import route_diff_layers, update_sums
 from moerl.objective import Objective, compute_advantages, compute_rollout_weights, loss_mask
 from moerl.objective import policy_loss
 from moerl.rewards import RewardError, merge_metrics, score_samples
@@ -267,6 +269,7 @@ def _old_logprob_pass(run: Run, batch: RolloutBatch) -> dict:
         heavy = batch.heavy_index(rows)
         counts = routing_agreement_counts(batch.trainer_routes_BTLK[heavy],
                                           batch.routes_BTLK[heavy], routed_bT)
+        metrics.update(_mismatch_split(run, batch, rows, heavy, routed_bT))
         agreement = agreement_from_counts(run.dp.sum_(counts))
         per_layer = agreement.pop("layer_agreement")
         metrics.update({f"routing/{k}": v.item() for k, v in agreement.items()})
@@ -274,6 +277,16 @@ def _old_logprob_pass(run: Run, batch: RolloutBatch) -> dict:
         metrics.update({f"routing/layer{layer}_agreement": v
                         for layer, v in zip(run.arch.moe_layer_ids, per_layer.tolist())})
     return metrics
+
+
+def _mismatch_split(run: Run, batch: RolloutBatch, rows, heavy, routed_bT) -> dict:
+    """moerl.mechanism's |log ratio| distribution and k3 split by routing, all DP ranks."""
+    diff_layers_bT = route_diff_layers(batch.trainer_routes_BTLK[heavy], batch.routes_BTLK[heavy])
+    logratio_bT = (batch.old_logprobs_BT - batch.rollout_logprobs_BT)[rows]
+    num_layers = len(run.arch.moe_layer_ids)
+    counts = mismatch_split_counts(logratio_bT, diff_layers_bT,
+                                   batch.response_mask_BT[rows] & routed_bT, num_layers=num_layers)
+    return mismatch_split_metrics(run.dp.sum_(counts), num_layers=num_layers)
 
 
 def value_stage(run: Run, batch: RolloutBatch) -> None:
@@ -295,8 +308,10 @@ def update_stage(run: Run, batch: RolloutBatch, step: int) -> dict:
             tokens, seqs = _global_denominators(run, batch, mini)
 
             def loss_fn(mb, logprobs_BT, entropy_BT):
-                return policy_loss(mb, logprobs_BT, entropy_BT, run.objective,
-                                   global_num_tokens=tokens, global_num_seqs=seqs)
+                loss, metrics = policy_loss(mb, logprobs_BT, entropy_BT, run.objective,
+                                            global_num_tokens=tokens, global_num_seqs=seqs)
+                return loss, metrics | update_sums(mb, logprobs_BT, run.objective,
+                                                   global_num_tokens=tokens, global_num_seqs=seqs)
 
             result, metrics = run.actor.train_step(
                 batch, mine, settings, loss_fn, with_entropy=run.objective.needs_entropy_grad,
@@ -313,7 +328,9 @@ def update_stage(run: Run, batch: RolloutBatch, step: int) -> dict:
             per_step.append(metrics)
     merged = {k: sum(m[k] for m in per_step) / len(per_step) for k in per_step[0]}
     merged["skipped"] = sum(m["skipped"] for m in per_step)
-    return run.dp.reduce_metrics(merged)
+    merged = run.dp.reduce_metrics(merged)
+    sums = {k: merged.pop(k) for k in list(merged) if k.startswith("mech_sum/")}
+    return merged | (grad_split_metrics(sums) if sums else {})
 
 
 def _ptx_batch(run: Run, index: int, count: int):

@@ -1,5 +1,11 @@
 """Warm start: supervised training of a tiny Qwen3-MoE on the arithmetic task, saved as HF.
 
+The task is the arithmetic one (``--task arithmetic``) or its step-by-step version (``--task
+chain``, :mod:`moerl.tasks.chain`). The saved ``warmstart.json`` also records how fragile the
+checkpoint's routing is (:func:`route_fragility`): the fraction of answer tokens whose top-k
+experts differ in at least one MoE layer between a bf16 and an fp32 forward of the same weights,
+the step-0 mismatch a bf16 engine will show against the fp32 trainer.
+
 RL needs a policy that is right part of the time (a group whose rewards are all 0 carries no
 signal). This trains a randomly initialised tiny model (``moerl.tiny_model``) with teacher forcing
 on ``prompt + answer + <eos>`` (loss on the answer tokens only) and stops as soon as greedy
@@ -9,6 +15,7 @@ minutes); the result is an ordinary HF checkpoint that both the Megatron trainer
 server load.
 
     python -m moerl.warmstart --out runs/tiny_warmstart/hf
+    python -m moerl.warmstart --out runs/deep_chain/hf --task chain --variant deep_moe
 """
 
 from __future__ import annotations
@@ -22,11 +29,14 @@ from pathlib import Path
 import torch
 
 from moerl.tasks.arithmetic import EOS_ID, PAD_ID, ArithmeticTask
+from moerl.tasks.chain import ChainArithmeticTask
 from moerl.tiny_model import TINY_VARIANTS, create_tiny_hf_model
+
+SftTask = ArithmeticTask | ChainArithmeticTask
 
 
 @torch.no_grad()
-def greedy_accuracy(model, task: ArithmeticTask, prompts, *, max_new_tokens: int) -> float:
+def greedy_accuracy(model, task: SftTask, prompts, *, max_new_tokens: int) -> float:
     """Fraction of prompts whose greedy completion the verifier accepts (batched, KV cache)."""
     width = max(len(p.ids) for p in prompts)
     ids = torch.tensor([[PAD_ID] * (width - len(p.ids)) + list(p.ids) for p in prompts])
@@ -38,7 +48,7 @@ def greedy_accuracy(model, task: ArithmeticTask, prompts, *, max_new_tokens: int
     return sum(task.reward(p, r) for p, r in zip(prompts, responses)) / len(prompts)
 
 
-def warm_start(out_dir: str | Path, *, task: ArithmeticTask, target_accuracy: float = 0.35,
+def warm_start(out_dir: str | Path, *, task: SftTask, target_accuracy: float = 0.35,
                max_steps: int = 3000, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
                eval_every: int = 50, max_new_tokens: int = 8, variant: str = "tiny",
                log=print) -> dict:
@@ -84,9 +94,57 @@ def warm_start(out_dir: str | Path, *, task: ArithmeticTask, target_accuracy: fl
                 break
     model.save_pretrained(out_dir, safe_serialization=True)
     stats = {"steps": step, "eval_accuracy": accuracy, "seconds": round(time.time() - started, 1),
-             "target_accuracy": target_accuracy, "variant": variant}
+             "target_accuracy": target_accuracy, "variant": variant,
+             "route_fragility_bf16": route_fragility(model, task, eval_prompts)}
     (out_dir / "warmstart.json").write_text(json.dumps(stats, indent=2))
     return stats
+
+
+def _pad_rows(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids ``[B, T]`` and their attention mask."""
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return ids, mask
+
+
+@torch.no_grad()
+def route_fragility(model, task: SftTask, prompts, *, dtype=torch.bfloat16) -> dict:
+    """How many answer tokens a ``dtype`` forward routes differently from the fp32 forward.
+
+    Teacher-forced on ``prompt + answer + <eos>``; a token's routing is the top-k expert set of
+    every MoE layer at the position that predicts it (as the trainer's routing telemetry counts
+    it). Returns ``token_route_mismatch`` (tokens differing in at least one MoE layer),
+    ``route_agreement`` (agreeing (token, layer) pairs) and the number of tokens counted.
+    """
+    from moerl.trainer.routing_replay import routing_agreement
+
+    rows = [task.sft_text(p) for p in prompts]
+    ids, attention = _pad_rows(rows)
+    answer_BT = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, rows)):
+        answer_BT[i, len(p.ids) - 1:len(r) - 1] = True  # positions predicting answer tokens
+    top_k = model.config.num_experts_per_tok
+
+    def routes(m):
+        logits = m(input_ids=ids, attention_mask=attention, output_router_logits=True).router_logits
+        per_layer = [layer.float().topk(top_k, dim=-1).indices.view(*ids.shape, top_k)
+                     for layer in logits if layer is not None]
+        return torch.stack(per_layer, dim=2)  # [B, T, L_moe, K]
+
+    model.eval()
+    exact = routes(model.float())
+    low = routes(_copy_in(model, dtype))
+    agreement = routing_agreement(exact, low, answer_BT)
+    return {"dtype": str(dtype).removeprefix("torch."), "tokens": int(answer_BT.sum()),
+            "token_route_mismatch": round(float(agreement["token_route_mismatch"]), 4),
+            "route_agreement": round(float(agreement["route_agreement"]), 4)}
+
+
+def _copy_in(model, dtype):
+    import copy
+
+    return copy.deepcopy(model).to(dtype)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,17 +152,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output HF checkpoint directory")
     parser.add_argument("--target-accuracy", type=float, default=0.35)
     parser.add_argument("--max-steps", type=int, default=3000)
+    parser.add_argument("--task", default="arithmetic", choices=["arithmetic", "chain"],
+                        help="arithmetic: a+b= answered with the sum; chain: a+b+c+...= answered "
+                             "step by step with every partial sum (moerl.tasks.chain)")
     parser.add_argument("--max-operand", type=int, default=9)
     parser.add_argument("--num-terms", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--task-seed", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", default="tiny", choices=sorted(TINY_VARIANTS),
                         help="model size (moerl.tiny_model.TINY_VARIANTS)")
     args = parser.parse_args(argv)
-    task = ArithmeticTask(max_operand=args.max_operand, num_terms=args.num_terms,
-                          seed=args.task_seed)
+    kind = ChainArithmeticTask if args.task == "chain" else ArithmeticTask
+    task = kind(max_operand=args.max_operand, num_terms=args.num_terms, seed=args.task_seed)
+    # A chain answer is tens of tokens: greedy evaluation must be allowed to write all of them.
+    max_new = task.max_response_tokens() + 2 if args.task == "chain" else 8
     stats = warm_start(args.out, task=task, target_accuracy=args.target_accuracy,
-                       max_steps=args.max_steps, seed=args.seed, variant=args.variant)
+                       max_steps=args.max_steps, seed=args.seed, variant=args.variant,
+                       lr=args.lr, max_new_tokens=max_new)
     print(json.dumps(stats))
 
 

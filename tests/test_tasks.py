@@ -113,3 +113,36 @@ def test_pretrain_data_batches_every_token(tmp_path):
     path.write_text(json.dumps({"input_ids": [5, 600]}) + "\n")
     with pytest.raises(ValueError, match=r"pre.jsonl:1: token ids outside \[0, 64\)"):
         PretrainData(str(path), tokenizer=CharTokenizer(), max_len=64, seed=0)
+
+
+def test_chain_task_answers_step_by_step_and_verifies_every_step():
+    from moerl.tasks.chain import ChainArithmeticTask, chain_text
+
+    assert chain_text([12, 7, 25, 3]) == "12+7=19 19+25=44 44+3=47"
+    task = ChainArithmeticTask(max_operand=30, num_terms=4, seed=1)
+    prompt = task.prompts(0, 1)[0]
+    terms = [int(t) for t in prompt.text.rstrip("=").split("+")]
+    assert len(terms) == 4 and prompt.answer == chain_text(terms)
+    right = task.tokenizer.encode(prompt.answer) + [EOS_ID]
+    assert task.reward(prompt, right) == 1.0 and task.sft_text(prompt) == [*prompt.ids, *right]
+    assert task.reward(prompt, right[:-1]) == 0.0  # no eos
+    # Right final sum, wrong intermediate step: exact verifier says 0.
+    steps = prompt.answer.split(" ")
+    a, b = steps[0].split("=")[0].split("+")
+    wrong = " ".join([f"{a}+{b}={int(a) + int(b) + 1}", *steps[1:]])
+    assert task.reward(prompt, task.tokenizer.encode(wrong) + [EOS_ID]) == 0.0
+    assert task.reward(prompt, task.tokenizer.encode(steps[-1].split("=")[1]) + [EOS_ID]) == 0.0
+    assert 20 <= len(right) <= task.max_response_tokens() == len("30+30=60 60+30=90 90+30=120") + 1
+    assert task.prompts(3, 4) == ChainArithmeticTask(max_operand=30, num_terms=4,
+                                                     seed=1).prompts(3, 4)
+    with pytest.raises(ValueError, match="num_terms"):
+        ChainArithmeticTask(num_terms=1)
+
+
+def test_build_task_makes_the_chain_task():
+    from moerl.config import load_config
+    from moerl.tasks import ChainArithmeticTask, build_task
+
+    cfg = load_config(overrides=["task.name=chain", "task.num_terms=3", "task.max_operand=9"])
+    task = build_task(cfg.task, model_dir="", max_prompt_tokens=64)
+    assert isinstance(task, ChainArithmeticTask) and task.num_terms == 3

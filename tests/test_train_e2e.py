@@ -41,6 +41,12 @@ def test_preset_trains(preset, warm_model, tmp_path):
         # The fp32 engine and the fp32 trainer are two implementations of one policy.
         assert record["mismatch/abs_max"] < 1e-4, record["mismatch/abs_max"]
         assert record["skipped"] == 0
+        # moerl.mechanism's split: fp32 engine, so every response token is routed identically.
+        assert record["mech/tokens_same"] > 0 and record["mech/tokens_rerouted"] == 0
+        assert record["mech/tokens_same"] == sum(
+            record[f"mech/hist_same_b{i}"] for i in range(10)) == record["mech/tokens_dlayers0"]
+        assert finite(record["mech/grad_per_token_same"]) and record["mech/grad_per_token_same"] >= 0
+        assert not finite(record["mech/clipfrac_same"]) or 0 <= record["mech/clipfrac_same"] <= 1
     if preset in ("ppo", "dual_clip_ppo"):
         assert all(finite(r["critic/loss"]) for r in records)
     if preset == "scaling_grpo":

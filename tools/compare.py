@@ -1,21 +1,30 @@
 """The comparison moerl exists for: GRPO with keep-routing vs GSPO without routing replay.
 
-    python tools/compare.py --out runs/compare [--quick] [--seeds 1 2 3] [--arms ...]
+    python tools/compare.py --out runs/compare2 [--quick] [--seeds 1 2 3] [--arms ...]
 
-Runs every arm with the same seeds, each as a real training run (torchrun, TP=2/EP=2, built-in
-rollout server), under settings that make the train/rollout mismatch real: a bf16 rollout engine
-against an fp32 trainer, top-p sampling, several mini-batch updates per rollout (off-policy).
-Writes, under ``--out``:
+Second edition: a setting fragile enough for the mechanism to show. The task is ``chain``
+(multi-step arithmetic that writes every partial sum: responses of ~20-25 tokens, exact verifier;
+``moerl.tasks.chain``), the model the ``deep_moe`` tiny Qwen3-MoE (12 MoE layers, 64 experts,
+top-8, all MoE so SGLang can serve it), warm-started once per setting and cached under
+``runs/warmstart/`` (reused by every arm and seed, and by later invocations). Every arm is a real
+training run (torchrun, TP=2/EP=2, built-in rollout server) from that checkpoint with the same
+seeds, under settings that make the train/rollout mismatch real: a bf16 rollout engine against an
+fp32 trainer, top-p sampling, several mini-batch updates per rollout (off-policy). Writes, under
+``--out``:
 
     <arm>/seed<k>/metrics.jsonl      the telemetry series of each run (resumable run directories)
-    summary.md                       mean and spread over seeds per arm
+    summary.md                       per-arm table, paired differences with 95% intervals,
+                                     collapses (pre-registered rule), the mechanism table
     summary.json                     the same numbers, machine-readable
     curves.png                       the series over steps, arms overlaid (mean, min-max band)
+    mechanism.png                    |log ratio| distribution of rerouted vs identically routed
+                                     tokens, k3 vs number of differing layers, clip/grad split
 
 Resumable: a run with a ``done.json`` is not rerun; an interrupted run resumes from its last
-checkpoint. ``--quick`` (tiny model, 2 seeds, 10 steps, 4 arms) finishes in under 10 minutes on a
-2-core CPU; the default uses the "wide" tiny model (5 layers, 32 experts top-4), whose routing
-is fragile enough under bf16 for replay to matter.
+checkpoint. ``--quick`` (3 arms x 2 seeds x 3 steps, a 50-step warm start) proves the whole
+pipeline, estimated at ~10 minutes on an idle 2-core CPU; the default is the full comparison
+(``FULL``: its size and the time estimate are in the README). Statistics and the collapse rule:
+``tools/compare_stats.py``.
 """
 
 from __future__ import annotations
@@ -28,61 +37,101 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
 
-# name -> (preset, extra flags, description)
+from compare_stats import COLLAPSE_FRACTION, paired_difference, steps_to_collapse  # noqa: E402
+
+# name -> (preset, extra flags, extra settings, description)
+NO_REPLAY = ["--routing-replay", "none", "--no-keep-sampling-mask"]
 ARMS = {
-    "grpo_r3_mask": ("grpo", ["--keep-routing", "--keep-sampling-mask"],
+    "grpo_r3_mask": ("grpo", ["--keep-routing", "--keep-sampling-mask"], {},
                      "GRPO + keep routing (R3) + keep sampling mask"),
-    "gspo": ("gspo", ["--routing-replay", "none", "--no-keep-sampling-mask"],
-             "GSPO, no routing replay"),
-    "grpo": ("grpo", ["--routing-replay", "none", "--no-keep-sampling-mask"],
-             "GRPO, no replay (control)"),
-    "grpo_r2": ("grpo", ["--routing-replay", "r2", "--no-keep-sampling-mask"],
+    "gspo": ("gspo", NO_REPLAY, {}, "GSPO, no routing replay"),
+    "grpo": ("grpo", NO_REPLAY, {}, "GRPO, no replay (control)"),
+    "gspo_r3": ("gspo", ["--keep-routing", "--no-keep-sampling-mask"], {}, "GSPO + keep routing"),
+    "grpo_r3": ("grpo", ["--keep-routing", "--no-keep-sampling-mask"], {},
+                "GRPO + keep routing (R3), no mask"),
+    "grpo_r2": ("grpo", ["--routing-replay", "r2", "--no-keep-sampling-mask"], {},
                 "GRPO + R2 (replay the trainer's own routes)"),
-    "gspo_r3": ("gspo", ["--keep-routing", "--no-keep-sampling-mask"], "GSPO + keep routing"),
     # Attribution: the first arm changes two things at once; this one changes only the mask.
-    "grpo_mask": ("grpo", ["--routing-replay", "none", "--keep-sampling-mask"],
+    "grpo_mask": ("grpo", ["--routing-replay", "none", "--keep-sampling-mask"], {},
                   "GRPO + keep sampling mask, no replay"),
+    # The field's other answers to the mismatch: a closer engine dtype, importance corrections.
+    "grpo_fp16": ("grpo", NO_REPLAY, {"rollout.engine_dtype": "float16"},
+                  "GRPO, fp16 engine, no replay"),
+    "grpo_tis": ("grpo_tis", NO_REPLAY, {}, "GRPO + TIS (token, C=2), no replay"),
+    "grpo_icepop": ("grpo_icepop", NO_REPLAY, {}, "GRPO + IcePop [0.5, 5], no replay"),
+    "grpo_seq_mis": ("grpo_seq_mis", NO_REPLAY, {}, "GRPO + sequence MIS (C=2), no replay"),
 }
-DEFAULT_ARMS = ["grpo_r3_mask", "gspo", "grpo", "grpo_r2", "gspo_r3", "grpo_mask"]
-QUICK_ARMS = ["grpo_r3_mask", "gspo", "grpo", "grpo_r2"]
+# The arms every paired difference is taken against, in order of preference.
+BASELINES = ("grpo", "gspo")
+# The question of the comparison: GRPO with keep-routing vs GSPO without replay.
+HEADLINE_PAIR = ("grpo_r3_mask", "gspo")
 
-# Settings shared by every arm: where the mismatch comes from.
+# The setting: chain arithmetic on the fragile all-MoE model, bf16 engine vs fp32 trainer.
+TASK = {"task.name": "chain", "task.num_terms": 4, "task.max_operand": 9, "task.eval_size": 128}
 MISMATCH_SETTINGS = {
     "rollout.engine_dtype": "bfloat16",
     "rollout.top_p": 0.9,
-    "training.mini_batches": 4,
+    "rollout.max_new_tokens": 26,  # the longest chain of 4 one-digit terms is 22 tokens + eos
+    "rollout.prompts_per_step": 8,
+    "rollout.group_size": 8,
+    "training.mini_batches": 4,  # 4 optimizer steps per rollout: 3 of them off-policy
 }
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One size of the comparison."""
+
+    arms: tuple[str, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    eval_every: int
+    warm_steps: int  # warm-start step budget (stops earlier at warm_target)
+    warm_target: float
+
+
+# Sized for ~90 minutes on an idle 2-core CPU (README: 4 x 3 x 50 = 600 RL steps at an estimated
+# 5-9 s each, plus start-up and evaluations). Hundreds of steps per run: --steps 200 (~4x).
+FULL = Mode(arms=("grpo_r3_mask", "gspo", "grpo", "gspo_r3"), seeds=(1, 2, 3), steps=50,
+            eval_every=10, warm_steps=1500, warm_target=0.2)
+# A short warm start: the quick mode proves the pipeline and measures step times and step-0
+# routing; its policy is not yet right on whole chains, so its rewards carry little signal.
+QUICK = Mode(arms=("grpo_r3_mask", "gspo", "grpo"), seeds=(1, 2), steps=3, eval_every=3,
+             warm_steps=50, warm_target=0.2)
+VARIANT = "deep_moe"
 
 SERIES = [("score/mean", "sample accuracy"), ("eval/accuracy", "greedy eval accuracy"),
           ("mismatch/k3", "train/rollout k3 KL"), ("mismatch/extreme_frac",
                                                     "extreme-token fraction"),
           ("routing/token_route_mismatch", "tokens routed differently (any layer)"),
-          ("clipfrac", "clip fraction"), ("grad_norm", "grad norm")]
+          ("clipfrac", "clip fraction"), ("grad_norm", "grad norm"),
+          ("mech/grad_share_rerouted", "share of gradient weight on rerouted tokens")]
 
 
-def run_one(arm: str, seed: int, *, out: Path, model: Path, steps: int, eval_every: int,
-            log) -> Path:
+def run_one(arm: str, seed: int, *, out: Path, model: Path, mode: Mode, log) -> Path:
     run_dir = out / arm / f"seed{seed}"
     if (run_dir / "done.json").exists():
         log(f"{arm} seed {seed}: done, skipped")
         return run_dir
-    preset, flags, _ = ARMS[arm]
-    settings = {**MISMATCH_SETTINGS, "model.hf_path": model, "training.out_dir": run_dir,
-                "training.steps": steps, "training.eval_every": eval_every,
-                "training.checkpoint_every": 5, "training.resume": "true",
-                "rollout.seed": 1000 + seed, "training.seed": seed,
+    preset, flags, extra, _ = ARMS[arm]
+    settings = {**TASK, **MISMATCH_SETTINGS, **extra, "model.hf_path": model,
+                "training.out_dir": run_dir, "training.steps": mode.steps,
+                "training.eval_every": mode.eval_every, "training.checkpoint_every": 5,
+                "training.resume": "true", "rollout.seed": 1000 + seed, "training.seed": seed,
                 "logging.progress": "false"}
     args = [f"configs/{preset}.yaml", *flags]
     for key, value in settings.items():
         args += ["--set", f"{key}={value}"]
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    log(f"{arm} seed {seed}: training {steps} steps ...")
-    with open(run_dir / "train.log", "w") as fh:
+    log(f"{arm} seed {seed}: training {mode.steps} steps ...")
+    with open(run_dir / "train.log", "a") as fh:
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                "--nproc_per_node=2", "-m", "moerl.train", *args], cwd=REPO,
                               stdout=fh, stderr=subprocess.STDOUT,
@@ -99,35 +148,49 @@ def read_series(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _num(value) -> float:
+    """A metric value as a float (telemetry writes non-finite values as strings)."""
+    return float(value) if isinstance(value, (int, float, str)) else math.nan
+
+
 def run_stats(records: list[dict]) -> dict[str, float]:
     """One run's summary numbers."""
     train = [r for r in records if "score/mean" in r]
     evals = [r["eval/accuracy"] for r in records if "eval/accuracy" in r]
-    last = train[-min(5, len(train)):]
-    grad = [r["grad_norm"] for r in train if math.isfinite(r["grad_norm"])]
+    last = train[-max(1, len(train) // 10):]  # the last tenth of the run
+    grad = [g for g in (_num(r["grad_norm"]) for r in train) if math.isfinite(g)]
     median = statistics.median(grad) if grad else float("nan")
 
     def mean(key, rows=train):
-        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        values = [_num(r[key]) for r in rows if key in r]
+        values = [v for v in values if math.isfinite(v)]
         return statistics.fmean(values) if values else float("nan")
 
+    collapse = steps_to_collapse(records)
     return {
         "initial_accuracy": evals[0] if evals else float("nan"),
         "final_accuracy": evals[-1] if evals else float("nan"),
-        "reward_last5": mean("score/mean", last),
+        "reward_last": mean("score/mean", last),
         "k3": mean("mismatch/k3"),
         "abs_logp_diff": mean("mismatch/abs_mean"),
         "extreme_frac": mean("mismatch/extreme_frac"),
         "route_agreement": mean("routing/route_agreement"),
         "token_route_mismatch": mean("routing/token_route_mismatch"),
+        "token_route_mismatch_step0": mean("routing/token_route_mismatch", train[:1]),
         "clipfrac": mean("clipfrac"),
-        "seq_clipfrac": mean("seq_clipfrac"),
+        "grad_share_rerouted": mean("mech/grad_share_rerouted"),
+        "clipfrac_same": mean("mech/clipfrac_same"),
+        "clipfrac_rerouted": mean("mech/clipfrac_rerouted"),
+        "seconds_per_step": mean("time/step"),
         # A spike: a step whose gradient norm exceeds 5x the run's median.
         "grad_spikes": float(sum(g > 5 * median for g in grad)),
-        # A collapse: the run ends below half its starting greedy accuracy.
-        "collapsed": float(bool(evals) and evals[-1] < 0.5 * evals[0]),
-        "skipped_steps": sum(r.get("skipped", 0) for r in train),
+        "collapsed": float(collapse is not None),
+        "steps_to_collapse": float(collapse) if collapse is not None else float("nan"),
+        "skipped_steps": sum(_num(r.get("skipped", 0)) for r in train),
     }
+
+
+_TOTALS = ("grad_spikes", "collapsed", "skipped_steps")
 
 
 def summarize(out: Path, arms: list[str], seeds: list[int]) -> dict:
@@ -137,7 +200,7 @@ def summarize(out: Path, arms: list[str], seeds: list[int]) -> dict:
         summary[arm] = {}
         for key in per_seed[0]:
             values = [p[key] for p in per_seed]
-            if key in ("grad_spikes", "collapsed", "skipped_steps"):
+            if key in _TOTALS:
                 summary[arm][key] = {"total": sum(values), "per_seed": values}
             else:
                 finite = [v for v in values if math.isfinite(v)]
@@ -148,30 +211,115 @@ def summarize(out: Path, arms: list[str], seeds: list[int]) -> dict:
     return summary
 
 
-def markdown(summary: dict, seeds: list[int]) -> str:
-    cols = [("final_accuracy", "final eval acc", "{:.3f}"), ("reward_last5", "reward (last 5)",
-                                                             "{:.3f}"),
+PAIRED_METRICS = (("final_accuracy", "final greedy accuracy"), ("reward_last", "reward (last "
+                                                                               "tenth)"),
+                  ("k3", "train/rollout k3"))
+
+
+def paired(summary: dict, arms: list[str]) -> list[dict]:
+    """Paired differences: the headline pair, then every arm against the first baseline."""
+    pairs = []
+    if all(a in arms for a in HEADLINE_PAIR):
+        pairs.append(HEADLINE_PAIR)
+    base = next((b for b in BASELINES if b in arms), None)
+    pairs += [(arm, base) for arm in arms if base and arm != base and (arm, base) not in pairs]
+    rows = []
+    for a, b in pairs:
+        for key, label in PAIRED_METRICS:
+            rows.append({"a": a, "b": b, "metric": key, "label": label, **paired_difference(
+                summary[a][key]["per_seed"], summary[b][key]["per_seed"])})
+    return rows
+
+
+def mechanism(out: Path, arms: list[str], seeds: list[int]) -> dict:
+    """:func:`mechanism_of` each arm, over all its steps and seeds."""
+    return {arm: mechanism_of([r for s in seeds for r in read_series(out / arm / f"seed{s}")])
+            for arm in arms}
+
+
+def mechanism_of(records: list[dict]) -> dict:
+    """moerl.mechanism's per-step metrics pooled over ``records``: the |log ratio| histograms
+    (token counts per bin) of identically routed and rerouted tokens, their token-weighted mean
+    |log ratio|, and per number of differing MoE layers the tokens and their token-weighted k3."""
+    from moerl.mechanism import GROUPS, NUM_BINS
+
+    records = [r for r in records if "mech/tokens_same" in r]
+
+    def total(key):
+        return sum(_num(r.get(key, 0)) for r in records)
+
+    def weighted_mean(key, weight_key):
+        pairs = [(_num(r[weight_key]), _num(r[key])) for r in records if key in r]
+        pairs = [(w, v) for w, v in pairs if w and math.isfinite(v)]
+        weight = sum(w for w, _ in pairs)
+        return sum(w * v for w, v in pairs) / weight if weight else math.nan
+
+    layers = sorted(int(k.removeprefix("mech/tokens_dlayers")) for k in
+                    (records[0] if records else {}) if k.startswith("mech/tokens_dlayers"))
+    return {
+        "hist": {g: [total(f"mech/hist_{g}_b{i}") for i in range(NUM_BINS)] for g in GROUPS},
+        "abs_logratio": {g: weighted_mean(f"mech/abs_logratio_{g}", f"mech/tokens_{g}")
+                         for g in GROUPS},
+        "tokens_by_dlayers": {d: total(f"mech/tokens_dlayers{d}") for d in layers},
+        "k3_by_dlayers": {d: weighted_mean(f"mech/k3_dlayers{d}", f"mech/tokens_dlayers{d}")
+                          for d in layers},
+    }
+
+
+def _cell(stats: dict, fmt: str) -> str:
+    if "total" in stats:
+        return fmt.format(stats["total"])
+    return f"{fmt.format(stats['mean'])} ± {fmt.format(stats['std'])}"
+
+
+def markdown(summary: dict, seeds: list[int], pairs: list[dict], mech: dict) -> str:
+    cols = [("final_accuracy", "final eval acc", "{:.3f}"),
+            ("reward_last", "reward (last tenth)", "{:.3f}"),
             ("k3", "train/rollout k3", "{:.2e}"), ("extreme_frac", "extreme tokens", "{:.2e}"),
-            ("route_agreement", "route agreement", "{:.4f}"),
-            ("token_route_mismatch", "tokens rerouted", "{:.4f}"), ("clipfrac", "clip frac",
-                                                                    "{:.4f}"),
+            ("token_route_mismatch_step0", "rerouted @0", "{:.3f}"),
+            ("token_route_mismatch", "rerouted", "{:.3f}"), ("clipfrac", "clip frac", "{:.4f}"),
             ("grad_spikes", "grad spikes", "{:.0f}"), ("collapsed", "collapses", "{:.0f}")]
-    head = "| arm | " + " | ".join(c[1] for c in cols) + " |"
-    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    lines = ["| arm | " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for arm, stats in summary.items():
-        cells = []
-        for key, _, fmt in cols:
-            s = stats[key]
-            if "total" in s:
-                cells.append(fmt.format(s["total"]))
-            else:
-                cells.append(f"{fmt.format(s['mean'])} ± {fmt.format(s['std'])}")
-        lines.append(f"| {ARMS[arm][2]} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(f"Mean ± sample std over seeds {seeds}; grad spikes (steps with a gradient norm "
-                 f"above 5x the run's median) and collapses (final greedy accuracy below half "
-                 f"the initial) are totals over seeds. k3, extreme tokens, routing and clipping "
-                 f"are means over all steps.")
+        lines.append(f"| {ARMS[arm][3]} | " + " | ".join(_cell(stats[k], f) for k, _, f in cols)
+                     + " |")
+    lines += ["", f"Mean ± sample std over seeds {seeds}; grad spikes (steps with a gradient norm "
+              f"above 5x the run's median) and collapses are totals over seeds. A run collapses "
+              f"(pre-registered, tools/compare_stats.py) when its greedy accuracy stays below "
+              f"{COLLAPSE_FRACTION:g}x its step-0 value from some evaluation to the end, or its "
+              f"gradient norm stays non-finite. k3, extreme tokens, routing and clipping are "
+              f"means over all steps; 'rerouted @0' is step 0 (the bf16 engine vs the fp32 "
+              f"trainer on the warm start).", ""]
+    collapses = [f"{ARMS[arm][3]}: seed {s} at step {int(v)}" for arm, stats in summary.items()
+                 for s, v in zip(seeds, stats["steps_to_collapse"]["per_seed"])
+                 if math.isfinite(v)]
+    lines += [f"Steps to collapse: {'; '.join(collapses) if collapses else 'no run collapsed'}.",
+              ""]
+    if pairs:
+        lines += ["| A | B | metric | mean(A - B) | 95% paired-t | 95% bootstrap | n |",
+                  "|---|---|---|---|---|---|---|"]
+        for p in pairs:
+            star = " *" if p["significant"] else ""
+            lines.append(f"| {p['a']} | {p['b']} | {p['label']} | {p['mean']:+.4g}{star} | "
+                         f"[{p['t_low']:+.3g}, {p['t_high']:+.3g}] | [{p['boot_low']:+.3g}, "
+                         f"{p['boot_high']:+.3g}] | {int(p['n'])} |")
+        lines += ["", "Differences are per seed (same seeds in both arms), then averaged; * marks "
+                  "a t interval that excludes 0.", ""]
+    lines += ["| arm | mean abs log ratio, same routing | rerouted | clip frac, same | rerouted "
+              "| grad share on rerouted | tokens rerouted |", "|---|---|---|---|---|---|---|"]
+    for arm, stats in summary.items():
+        m = mech.get(arm, {}).get("abs_logratio", {})
+        lines.append(f"| {ARMS[arm][3]} | {m.get('same', math.nan):.3e} | "
+                     f"{m.get('rerouted', math.nan):.3e} | "
+                     + " | ".join(_cell(stats[k], "{:.4f}") for k in (
+                         "clipfrac_same", "clipfrac_rerouted", "grad_share_rerouted",
+                         "token_route_mismatch")) + " |")
+    lines += ["", "Mechanism (moerl.mechanism): |old_logprobs - rollout_logprobs| of tokens whose "
+              "top-k experts are identical in every MoE layer vs differ in at least one (the "
+              "trainer's natural routing against the engine's, also under replay), token-"
+              "weighted over all steps and seeds; clip fractions are over tokens with a nonzero "
+              "advantage whose policy-gradient weight is exactly zero; the gradient share is the "
+              "fraction of sum |dL/dlogp| on rerouted tokens."]
     return "\n".join(lines) + "\n"
 
 
@@ -186,74 +334,147 @@ def plot(out: Path, arms: list[str], seeds: list[int]) -> Path:
         for arm in arms:
             runs = [read_series(out / arm / f"seed{s}") for s in seeds]
             steps = sorted({r["step"] for run in runs for r in run if key in r})
-            values = [[next((r[key] for r in run if r["step"] == st and key in r), math.nan)
+            values = [[next((_num(r[key]) for r in run if r["step"] == st and key in r), math.nan)
                         for st in steps] for run in runs]
             mean = [statistics.fmean(col) for col in zip(*values)]
-            ax.plot(steps, mean, label=ARMS[arm][2], marker="." if key.startswith("eval") else None)
+            ax.plot(steps, mean, label=ARMS[arm][3], marker="." if key.startswith("eval") else None)
             ax.fill_between(steps, [min(c) for c in zip(*values)], [max(c) for c in zip(*values)],
                             alpha=0.15)
         ax.set_title(title)
         ax.set_xlabel("RL step")
         if key in ("mismatch/k3", "grad_norm"):
             ax.set_yscale("log")
-    axes.flat[-1].axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    axes.flat[-1].legend(handles, labels, loc="center")
-    fig.tight_layout()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)))
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path = out / "curves.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def ensure_model(path: Path, variant: str, log) -> Path:
+def plot_mechanism(out: Path, mech: dict, summary: dict) -> Path:
+    """The ratio-distribution split, k3 vs differing layers, and the clip split, per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moerl.mechanism import LOGRATIO_EDGES
+
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5))
+    labels = [f"<={e:g}" for e in LOGRATIO_EDGES] + [f">{LOGRATIO_EDGES[-1]:g}"]
+    for i, (arm, entry) in enumerate(mech.items()):
+        for group, style in (("same", "--"), ("rerouted", "-")):
+            counts = entry["hist"].get(group) or []
+            total = sum(counts)
+            if total:
+                axes[0].plot(range(len(counts)), [c / total for c in counts], style,
+                             color=f"C{i}", label=f"{ARMS[arm][3]}: {group}")
+        layers = sorted(entry["k3_by_dlayers"])
+        axes[1].plot(layers, [entry["k3_by_dlayers"][d] for d in layers], "o-", color=f"C{i}",
+                     label=ARMS[arm][3])
+    axes[0].set_xticks(range(len(labels)), labels, rotation=45)
+    axes[0].set_title("|log pi_old - log pi_engine|: identically routed (--) vs rerouted (-)")
+    axes[0].set_ylabel("fraction of the group's tokens")
+    axes[1].set_yscale("log")
+    axes[1].set_title("k3 KL vs number of MoE layers whose experts differ")
+    axes[1].set_xlabel("MoE layers with different top-k experts")
+    names = list(summary)
+    width = 0.4
+    for j, group in enumerate(("same", "rerouted")):
+        axes[2].bar([k + (j - 0.5) * width for k in range(len(names))],
+                    [summary[a][f"clipfrac_{group}"]["mean"] for a in names], width,
+                    label=f"clip fraction, {group} routing")
+    axes[2].set_xticks(range(len(names)), names, rotation=30)
+    axes[2].set_title("clip fraction by routing")
+    axes[2].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "mechanism.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def ensure_model(mode: Mode, log) -> Path:
+    """The warm-started checkpoint of this setting, made once and cached under runs/warmstart/."""
+    key = (f"{VARIANT}_{TASK['task.name']}{TASK['task.num_terms']}x{TASK['task.max_operand']}"
+           f"_s{mode.warm_steps}_t{mode.warm_target:g}")
+    path = REPO / "runs" / "warmstart" / key
     if (path / "config.json").exists():
         return path
-    log(f"warm-starting the {variant} model into {path} ...")
+    log(f"warm-starting the {VARIANT} model on {TASK['task.name']} into {path} ...")
     subprocess.run([sys.executable, "-m", "moerl.warmstart", "--out", str(path), "--variant",
-                    variant, "--max-operand", "30", "--target-accuracy", "0.4"], cwd=REPO,
-                   check=True)
+                    VARIANT, "--task", TASK["task.name"], "--num-terms",
+                    str(TASK["task.num_terms"]), "--max-operand", str(TASK["task.max_operand"]),
+                    "--max-steps", str(mode.warm_steps), "--target-accuracy",
+                    str(mode.warm_target)], cwd=REPO, check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
     return path
+
+
+def estimate_minutes(summary: dict, mode: Mode, *, startup_s: float) -> float:
+    """Minutes a mode would take at the measured seconds per step (mean over arms) plus a
+    per-run start-up cost (torchrun, model build, server start, final evaluation)."""
+    per_step = statistics.fmean(s["seconds_per_step"]["mean"] for s in summary.values())
+    runs = len(mode.arms) * len(mode.seeds)
+    return (runs * (mode.steps * per_step + startup_s)) / 60
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare2")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny model, 2 seeds, 10 steps, 4 arms: under 10 minutes on CPU")
-    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=None)
+                        help="3 arms x 2 seeds x 3 steps, 50-step warm start: the pipeline end "
+                             "to end, ~10 minutes on an idle 2-core CPU (estimated)")
+    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=None,
+                        help=f"default: {' '.join(FULL.arms)} (--quick: {' '.join(QUICK.arms)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--model", type=Path, default=None,
-                        help="HF checkpoint (default: warm-started tiny/wide model under --out)")
+                        help="HF checkpoint (default: the cached deep_moe warm start)")
     args = parser.parse_args(argv)
-    arms = args.arms or (QUICK_ARMS if args.quick else DEFAULT_ARMS)
-    seeds = args.seeds or ([1, 2] if args.quick else [1, 2, 3])
-    steps = args.steps or (10 if args.quick else 30)
-    eval_every = args.eval_every or (5 if args.quick else 10)
-    variant = "tiny" if args.quick else "wide"
+    base = QUICK if args.quick else FULL
+    mode = Mode(arms=tuple(args.arms or base.arms), seeds=tuple(args.seeds or base.seeds),
+                steps=args.steps or base.steps, eval_every=args.eval_every or base.eval_every,
+                warm_steps=base.warm_steps, warm_target=base.warm_target)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
     def log(msg):
         print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    model = args.model or ensure_model(out / f"model_{variant}", variant, log)
+    model = args.model or ensure_model(mode, log)
     started = time.time()
-    for seed in seeds:
-        for arm in arms:
-            run_one(arm, seed, out=out, model=model, steps=steps, eval_every=eval_every, log=log)
+    for seed in mode.seeds:
+        for arm in mode.arms:
+            run_one(arm, seed, out=out, model=model, mode=mode, log=log)
+    arms, seeds = list(mode.arms), list(mode.seeds)
     summary = summarize(out, arms, seeds)
+    pairs = paired(summary, arms)
+    mech = mechanism(out, arms, seeds)
+    warm = model / "warmstart.json"
     (out / "summary.json").write_text(json.dumps(
-        {"arms": arms, "seeds": seeds, "steps": steps, "model": str(model), "variant": variant,
-         "settings": MISMATCH_SETTINGS, "summary": summary}, indent=2))
-    table = markdown(summary, seeds)
+        {"arms": arms, "seeds": seeds, "steps": mode.steps, "model": str(model),
+         "variant": VARIANT, "task": TASK, "settings": MISMATCH_SETTINGS,
+         "warmstart": json.loads(warm.read_text()) if warm.exists() else None,
+         "summary": summary, "paired": pairs, "mechanism": mech}, indent=2))
+    table = markdown(summary, seeds, pairs, mech)
     (out / "summary.md").write_text(table)
-    png = plot(out, arms, seeds)
+    figures = [plot(out, arms, seeds), plot_mechanism(out, mech, summary)]
     print(table)
-    log(f"wrote {out / 'summary.md'}, {out / 'summary.json'}, {png} "
-        f"({time.time() - started:.0f} s of training)")
+    runs = [json.loads((out / a / f"seed{s}" / "done.json").read_text())["seconds"]
+            for a in arms for s in seeds]
+    per_step = statistics.fmean(s["seconds_per_step"]["mean"] for s in summary.values())
+    startup = max(0.0, statistics.fmean(runs) - mode.steps * per_step)
+    log(f"measured {per_step:.1f} s per RL step, {startup:.0f} s of per-run overhead; the full "
+        f"mode ({len(FULL.arms)} arms x {len(FULL.seeds)} seeds x {FULL.steps} steps) would "
+        f"take ~{estimate_minutes(summary, FULL, startup_s=startup):.0f} min on this machine now")
+    log(f"wrote {out / 'summary.md'}, {out / 'summary.json'}, "
+        f"{', '.join(map(str, figures))} ({time.time() - started:.0f} s of training)")
     return 0
 
 

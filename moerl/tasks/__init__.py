@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING
 
 from moerl.tasks.arithmetic import ArithmeticTask
 from moerl.tasks.base import Prompt, Task, Tokenizer
+from moerl.tasks.chain import ChainArithmeticTask
 
 if TYPE_CHECKING:
     from moerl.config import TaskConfig
 
-__all__ = ["ArithmeticTask", "Prompt", "Task", "Tokenizer", "build_task"]
+__all__ = ["ArithmeticTask", "ChainArithmeticTask", "Prompt", "Task", "Tokenizer", "build_task"]
 
 log = logging.getLogger("moerl.tasks")
 # Keys only task.name=dataset reads.
@@ -31,6 +32,9 @@ def build_task(t: TaskConfig, *, model_dir: str, max_prompt_tokens: int) -> Task
     if t.name == "arithmetic":
         return ArithmeticTask(max_operand=t.max_operand, num_terms=t.num_terms,
                               eval_size=t.eval_size, seed=t.seed)
+    if t.name == "chain":
+        return ChainArithmeticTask(max_operand=t.max_operand, num_terms=t.num_terms,
+                                   eval_size=t.eval_size, seed=t.seed)
     from moerl.tasks.math_jsonl import HFTokenizer
 
     if t.name == "jsonl_math":
@@ -46,5 +50,5 @@ def build_task(t: TaskConfig, *, model_dir: str, max_prompt_tokens: int) -> Task
                            answer_field=t.answer_field, system_prompt=t.system_prompt,
                            max_prompt_tokens=t.max_prompt_tokens or max_prompt_tokens,
                            eval_size=t.eval_size, seed=t.seed)
-    raise ValueError(f"task.name={t.name!r} is not an RL task; choose arithmetic, jsonl_math or "
-                     f"dataset")
+    raise ValueError(f"task.name={t.name!r} is not an RL task; choose arithmetic, chain, "
+                     f"jsonl_math or dataset")

@@ -1,0 +1,81 @@
+"""tools/compare_stats.py: paired intervals against textbook values, and the collapse rule."""
+
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+from compare_stats import paired_difference, steps_to_collapse, t_quantile  # noqa: E402
+
+
+@pytest.mark.parametrize("df, expected", [(1, 12.706205), (2, 4.302653), (4, 2.776445),
+                                          (9, 2.262157), (30, 2.042272)])
+def test_t_quantile_matches_tables(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=2e-5)
+
+
+def test_paired_difference_uses_the_per_seed_differences():
+    # Large between-seed spread, constant within-seed gap: the unpaired view sees nothing, the
+    # paired one sees a certain +0.1 (sd of the differences is ~0).
+    a, b = [0.30, 0.60, 0.90], [0.20, 0.50, 0.80]
+    d = paired_difference(a, b)
+    assert d["mean"] == pytest.approx(0.1) and d["n"] == 3 and d["significant"] == 1.0
+    assert d["t_low"] == pytest.approx(0.1, abs=1e-9) and d["boot_high"] == pytest.approx(0.1)
+    # Hand-computed: diffs 0.1, -0.1, 0.3: mean 0.1, sd 0.2, half width 4.302653 * 0.2 / sqrt 3.
+    d = paired_difference([0.4, 0.5, 0.9], [0.3, 0.6, 0.6])
+    half = 4.302653 * 0.2 / math.sqrt(3)
+    assert d["t_low"] == pytest.approx(0.1 - half, abs=1e-5)
+    assert d["t_high"] == pytest.approx(0.1 + half, abs=1e-5)
+    assert d["significant"] == 0.0
+    assert min([0.1, -0.1, 0.3]) <= d["boot_low"] < d["mean"] < d["boot_high"] <= 0.3 + 1e-9
+    # Order matters (pairing by seed), and a NaN seed drops out of both arms.
+    assert paired_difference([0.9, 0.5, 0.4], [0.3, 0.6, 0.6])["mean"] == pytest.approx(
+        statistics.fmean([0.6, -0.1, -0.2]))
+    d = paired_difference([0.4, math.nan, 0.9], [0.3, 0.6, 0.6])
+    assert d["n"] == 2 and d["mean"] == pytest.approx(0.2)
+    assert math.isnan(paired_difference([1.0], [0.0])["t_low"])
+    with pytest.raises(ValueError, match="one value per seed"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+def _run(accuracies, grad_norms=()):
+    records = [{"step": s, "eval/accuracy": a} for s, a in accuracies]
+    return records + [{"step": s, "grad_norm": g} for s, g in grad_norms]
+
+
+def test_collapse_rule_needs_a_sustained_drop_below_half_the_start():
+    assert steps_to_collapse(_run([(0, 0.4), (10, 0.3), (20, 0.25)])) is None
+    assert steps_to_collapse(_run([(0, 0.4), (10, 0.1), (20, 0.3)])) is None  # recovered
+    assert steps_to_collapse(_run([(0, 0.4), (10, 0.3), (20, 0.1), (30, 0.05)])) == 20
+    assert steps_to_collapse(_run([(0, 0.4), (10, 0.1), (20, 0.3), (30, 0.19)])) == 30
+    # A run whose gradients stop being finite collapsed where they stopped.
+    grads = [(0, 0.5), (1, 0.7), (2, "nan"), (3, "inf")]
+    assert steps_to_collapse(_run([(0, 0.4), (4, 0.4)], grads)) == 2
+    assert steps_to_collapse(_run([(0, 0.4)], [(0, "nan"), (1, 0.3)])) is None
+
+
+def test_compare_pools_mechanism_metrics_token_weighted():
+    import compare
+
+    def record(step, same, rerouted, abs_same, abs_rerouted, k3):
+        r = {"step": step, "mech/tokens_same": same, "mech/tokens_rerouted": rerouted,
+             "mech/abs_logratio_same": abs_same, "mech/abs_logratio_rerouted": abs_rerouted,
+             "mech/tokens_dlayers0": same, "mech/tokens_dlayers1": rerouted,
+             "mech/k3_dlayers0": k3[0], "mech/k3_dlayers1": k3[1]}
+        r.update({f"mech/hist_same_b{i}": float(i == 2) * same for i in range(10)})
+        r.update({f"mech/hist_rerouted_b{i}": float(i == 7) * rerouted for i in range(10)})
+        return r
+
+    pooled = compare.mechanism_of([record(0, 30, 10, 1e-3, 0.2, (1e-6, "nan")),
+                                   record(1, 10, 30, 3e-3, 0.4, (3e-6, 0.05)),
+                                   {"step": 2, "score/mean": 0.5}])  # a record without mech/
+    assert pooled["hist"]["same"][2] == 40 and pooled["hist"]["rerouted"][7] == 40
+    assert pooled["abs_logratio"]["same"] == pytest.approx((30 * 1e-3 + 10 * 3e-3) / 40)
+    assert pooled["abs_logratio"]["rerouted"] == pytest.approx((10 * 0.2 + 30 * 0.4) / 40)
+    assert pooled["tokens_by_dlayers"] == {0: 40, 1: 40}
+    assert pooled["k3_by_dlayers"][0] == pytest.approx((30 * 1e-6 + 10 * 3e-6) / 40)
+    assert pooled["k3_by_dlayers"][1] == pytest.approx(0.05)  # the NaN step carries no weight
