@@ -10,7 +10,9 @@ on a CPU machine; ``$MOERL_SGLANG_PYTHON`` names another interpreter, e.g. a GPU
   scheduler/detokenizer children share that group. The guard stops the group when it gets SIGTERM
   or when the process that launched it dies, so the server exits with the trainer.
 - ``launch_sglang`` returns once ``/health`` answers 200 (SGLang warms up before that), or raises
-  with the log's tail if the server exits or does not become healthy in time.
+  with the log's tail if the server exits or does not become healthy in time (30 minutes by
+  default: on a 2-core CPU shared with other jobs a tiny model's start-up took over 10 minutes,
+  and a large checkpoint on GPUs loads for minutes too).
 - ``SGLangServer.stop`` is SIGTERM to the guard (by its PID) and a wait; ``kill`` is SIGKILL to
   the whole group (a crash, for tests and for a restart after a hang).
 """
@@ -99,7 +101,7 @@ class SGLangServer:
 def launch_sglang(model: str | Path, *, port: int = 0, dtype: str = "float32",
                   api_key: str | None = None, device: str = "auto",
                   weight_version: str = "default", log_path: str | Path | None = None,
-                  startup_timeout_s: float = 600.0, extra_args: tuple[str, ...] = (),
+                  startup_timeout_s: float = 1800.0, extra_args: tuple[str, ...] = (),
                   env: dict[str, str] | None = None) -> SGLangServer:
     """Start SGLang on ``model`` and wait until it is healthy (see the module docstring).
 
