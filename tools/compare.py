@@ -1,10 +1,17 @@
 """The comparison moerl exists for: GRPO with keep-routing vs GSPO without routing replay.
 
     python tools/compare.py --out runs/compare [--quick] [--seeds 1 2 3] [--arms ...]
+                            [--engine builtin|sglang]
 
 Runs every arm with the same seeds, each as a real training run (torchrun, TP=2/EP=2, built-in
 rollout server), under settings that make the train/rollout mismatch real: a bf16 rollout engine
 against an fp32 trainer, top-p sampling, several mini-batch updates per rollout (off-policy).
+``--engine sglang`` makes the rollout engine a real SGLang 0.5.23 server that each run starts
+(``rollout.server=sglang``; ``launch/setup_sglang.sh`` first on a CPU machine): a second
+implementation of the model, as at scale. SGLang serves only all-MoE Qwen3-MoE checkpoints, so
+the models are then the ``tiny_moe`` / ``wide_moe`` variants, and it returns sampling masks only
+for a finite top-k, so top-k is set to the vocabulary size (which truncates nothing: the arms
+sample with the same top-p as with the built-in engine).
 Writes, under ``--out``:
 
     <arm>/seed<k>/metrics.jsonl      the telemetry series of each run (resumable run directories)
@@ -64,14 +71,23 @@ SERIES = [("score/mean", "sample accuracy"), ("eval/accuracy", "greedy eval accu
           ("clipfrac", "clip fraction"), ("grad_norm", "grad norm")]
 
 
+def engine_settings(engine: str, model: Path) -> dict:
+    """The rollout settings that select ``engine`` (see the module docstring)."""
+    if engine == "builtin":
+        return {}
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    return {"rollout.server": "sglang", "rollout.top_k": vocab}
+
+
 def run_one(arm: str, seed: int, *, out: Path, model: Path, steps: int, eval_every: int,
-            log) -> Path:
+            log, engine: str = "builtin") -> Path:
     run_dir = out / arm / f"seed{seed}"
     if (run_dir / "done.json").exists():
         log(f"{arm} seed {seed}: done, skipped")
         return run_dir
     preset, flags, _ = ARMS[arm]
-    settings = {**MISMATCH_SETTINGS, "model.hf_path": model, "training.out_dir": run_dir,
+    settings = {**MISMATCH_SETTINGS, **engine_settings(engine, model),
+                "model.hf_path": model, "training.out_dir": run_dir,
                 "training.steps": steps, "training.eval_every": eval_every,
                 "training.checkpoint_every": 5, "training.resume": "true",
                 "rollout.seed": 1000 + seed, "training.seed": seed,
@@ -227,12 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--model", type=Path, default=None,
                         help="HF checkpoint (default: warm-started tiny/wide model under --out)")
+    parser.add_argument("--engine", choices=["builtin", "sglang"], default="builtin",
+                        help="rollout engine: moerl's built-in server, or a real SGLang server "
+                             "started by each run (all-MoE model variants)")
     args = parser.parse_args(argv)
     arms = args.arms or (QUICK_ARMS if args.quick else DEFAULT_ARMS)
     seeds = args.seeds or ([1, 2] if args.quick else [1, 2, 3])
     steps = args.steps or (10 if args.quick else 30)
     eval_every = args.eval_every or (5 if args.quick else 10)
-    variant = "tiny" if args.quick else "wide"
+    variant = ("tiny" if args.quick else "wide") + ("_moe" if args.engine == "sglang" else "")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
@@ -243,11 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     for seed in seeds:
         for arm in arms:
-            run_one(arm, seed, out=out, model=model, steps=steps, eval_every=eval_every, log=log)
+            run_one(arm, seed, out=out, model=model, steps=steps, eval_every=eval_every,
+                    log=log, engine=args.engine)
     summary = summarize(out, arms, seeds)
     (out / "summary.json").write_text(json.dumps(
         {"arms": arms, "seeds": seeds, "steps": steps, "model": str(model), "variant": variant,
-         "settings": MISMATCH_SETTINGS, "summary": summary}, indent=2))
+         "engine": args.engine, "settings": {**MISMATCH_SETTINGS,
+                                             **engine_settings(args.engine, model)},
+         "summary": summary}, indent=2))
     table = markdown(summary, seeds)
     (out / "summary.md").write_text(table)
     png = plot(out, arms, seeds)
