@@ -4,8 +4,9 @@ import torch
 
 @pytest.fixture(scope="session")
 def warm_model(tmp_path_factory):
-    """A tiny Qwen3-MoE warm-started on arithmetic until it is right about a quarter of the time
-    (the same procedure as launch/local.sh, with a lower target to keep the suite fast)."""
+    """The main job's model, the all-MoE tiny Qwen3-MoE (``tiny_moe``, which a real SGLang
+    server can serve too), warm-started on arithmetic until it is right about a quarter of the
+    time (the same procedure as launch/local.sh, with a lower target to keep the suite fast)."""
     from moerl.tasks.arithmetic import ArithmeticTask
     from moerl.warmstart import warm_start
 
