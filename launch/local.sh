@@ -14,6 +14,9 @@ fi
 launch/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
+# One OpenMP thread per process (warm start and trainer ranks): the tiny model's matmuls are far
+# too small for more, and on a busy machine spinning OpenMP threads slow everything down.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Checks flags, config, model and checkpoint layout; exits 2 on a mistake, before any worker.
 info=$(python -m moerl.launch_info "$@")
 read -r NEEDED HF_PATH MAX_OPERAND <<< "$info"
@@ -26,5 +29,4 @@ if [ ! -f "$HF_PATH/config.json" ]; then
     *) echo "moerl: model.hf_path=$HF_PATH has no config.json" >&2; exit 2 ;;
   esac
 fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec torchrun --standalone --nproc_per_node "${NPROC:-$NEEDED}" -m moerl.train "$@"

@@ -29,6 +29,7 @@ only with ``--enable-deterministic-inference`` (GPU), and ``seeds_honoured`` say
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import socket
@@ -125,6 +126,9 @@ class RolloutManager:
         ``version``, or connect to external ones (whose own version stands until the trainer's
         first weight push)."""
         self.version = version
+        if self.local_sglang:  # refused before a start-up is spent on it
+            check_model_servable(json.loads((Path(weights_dir) / "config.json").read_text()),
+                                 self.layout)
         try:
             if self.managed:
                 for i in range(self.num_servers):

@@ -3,6 +3,9 @@
 The model is deliberately small enough to train on a laptop CPU in minutes, but keeps every
 feature of the real family that the trainer must get right: GQA, per-head QK-norm, RoPE, a dense
 layer among MoE layers (``mlp_only_layers``), top-k softmax routing with ``norm_topk_prob``.
+The warm-started model of the main job and of most end-to-end tests is the all-MoE ``tiny_moe``
+variant (``moerl.warmstart``), which a real SGLang server can serve; the default checkpoint of
+:func:`create_tiny_hf_model` keeps its dense layer for the tests of dense-layer handling.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ server load.
 
     python -m moerl.warmstart --out runs/tiny_warmstart/hf
     python -m moerl.warmstart --out runs/deep_chain/hf --task chain --variant deep_moe
+
+The default model is the all-MoE ``tiny_moe`` variant, so the main job's checkpoint is one a real
+SGLang 0.5.23 server can serve (it builds every Qwen3-MoE layer as MoE; see ``moerl.tiny_model``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from moerl.tasks.chain import ChainArithmeticTask
 from moerl.tiny_model import TINY_VARIANTS, create_tiny_hf_model
 
 SftTask = ArithmeticTask | ChainArithmeticTask
+DEFAULT_VARIANT = "tiny_moe"
 
 
 @torch.no_grad()
@@ -50,7 +54,7 @@ def greedy_accuracy(model, task: SftTask, prompts, *, max_new_tokens: int) -> fl
 
 def warm_start(out_dir: str | Path, *, task: SftTask, target_accuracy: float = 0.35,
                max_steps: int = 3000, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-               eval_every: int = 50, max_new_tokens: int = 8, variant: str = "tiny",
+               eval_every: int = 50, max_new_tokens: int = 8, variant: str = DEFAULT_VARIANT,
                log=print) -> dict:
     """Train until greedy eval accuracy >= target_accuracy (or max_steps); save HF; return stats.
 
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--task-seed", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variant", default="tiny", choices=sorted(TINY_VARIANTS),
+    parser.add_argument("--variant", default=DEFAULT_VARIANT, choices=sorted(TINY_VARIANTS),
                         help="model size (moerl.tiny_model.TINY_VARIANTS)")
     args = parser.parse_args(argv)
     kind = ChainArithmeticTask if args.task == "chain" else ArithmeticTask

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -53,4 +54,40 @@ def fast_overrides(model_dir: Path, out_dir: Path, **extra) -> list[str]:
     out = []
     for key, value in settings.items():
         out += ["--set", f"{key}={value}"]
+    return out
+
+
+def cached_warm_start(tmp_path_factory, name: str, *, target_accuracy: float,
+                      variant: str) -> Path:
+    """A tiny Qwen3-MoE (``variant`` of moerl.tiny_model.TINY_VARIANTS) warm-started on arithmetic
+    (the procedure of launch/local.sh) to ``target_accuracy``. tools/test.sh runs pytest several
+    times (its steps) and sets ``MOERL_TEST_CACHE`` to a folder that lives as long as that
+    command: the checkpoint is made once there, keyed by the warm-start sources and settings,
+    under a lock. Without it, a fresh one per
+    session."""
+    import fcntl
+
+    from moerl.tasks.arithmetic import ArithmeticTask
+    from moerl.warmstart import warm_start
+
+    settings = dict(max_operand=30, task_seed=7, target_accuracy=target_accuracy, variant=variant)
+
+    def make(out: Path) -> Path:
+        warm_start(out, task=ArithmeticTask(max_operand=settings["max_operand"],
+                                            seed=settings["task_seed"]),
+                   target_accuracy=target_accuracy, variant=variant, log=lambda *_: None)
+        return out
+
+    cache = os.environ.get("MOERL_TEST_CACHE")
+    if not cache:
+        return make(tmp_path_factory.mktemp(name) / "hf")
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for source in ("warmstart.py", "tiny_model.py", "tasks/arithmetic.py"):
+        digest.update((REPO / "moerl" / source).read_bytes())
+    out = Path(cache) / f"{name}-{digest.hexdigest()[:16]}" / "hf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "warmstart.json").exists():  # written last: a finished warm start
+            make(out)
     return out

@@ -169,18 +169,24 @@ def test_streaming_sends_routes_only_with_the_final_chunk(sglang, layout):
 # ------------------------------------------------------------------------------ the four fixes
 
 
-def test_dense_layers_checkpoint_is_refused_at_start_up(tmp_path, caplog):
+def test_dense_layers_checkpoint_is_refused_at_start_up(sglang, tmp_path):
     """SGLang serves a Qwen3-MoE checkpoint with mlp_only_layers with uninitialised experts in
-    the dense layers: a local SGLang rollout must refuse it before training, saying what to do
-    (it used to warn about the bad routes and train on wrong log-probs)."""
+    the dense layers: the trainer must refuse that pairing before training, saying what to do (it
+    used to warn about the bad routes and train on wrong log-probs). Against the running server
+    (external mode) the refusal follows what SGLang's /model_info says it serves; a local SGLang
+    rollout refuses from the checkpoint alone, before spending a start-up on it."""
     from moerl.rollout.sglang import UnservableModelError
     from moerl.tiny_model import create_tiny_hf_model
 
     dense_dir = create_tiny_hf_model(tmp_path / "dense", seed=3)  # layer 0 dense
-    manager = make_manager(tmp_path, dense_dir, local_sglang=True)
-    with pytest.raises(UnservableModelError, match=r"ignores mlp_only_layers.*\[0\].*tiny_moe"):
-        manager.start(dense_dir, version="step-0")
-    assert not manager.servers  # start() failed: close() stopped and dropped every server
+    message = r"ignores mlp_only_layers.*\[0\].*tiny_moe"
+    local = make_manager(tmp_path, dense_dir, local_sglang=True)
+    with pytest.raises(UnservableModelError, match=message):
+        local.start(dense_dir, version="step-0")
+    assert not (tmp_path / "rollout_server.log").exists()  # no SGLang was launched
+    external = make_manager(tmp_path, dense_dir, url=sglang.url)
+    with pytest.raises(UnservableModelError, match=message):
+        external.start(dense_dir, version="step-0")
 
 
 def test_seeds_are_ignored_without_deterministic_inference_and_the_manager_says_so(

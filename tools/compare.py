@@ -1,6 +1,7 @@
 """The comparison moerl exists for: GRPO with keep-routing vs GSPO without routing replay.
 
     python tools/compare.py --out runs/compare2 [--quick] [--seeds 1 2 3] [--arms ...]
+                            [--engine builtin|sglang]
 
 Second edition: a setting fragile enough for the mechanism to show. The task is ``chain``
 (multi-step arithmetic that writes every partial sum: responses of ~20-25 tokens, exact verifier;
@@ -9,8 +10,13 @@ top-8, all MoE so SGLang can serve it), warm-started once per setting and cached
 ``runs/warmstart/`` (reused by every arm and seed, and by later invocations). Every arm is a real
 training run (torchrun, TP=2/EP=2, built-in rollout server) from that checkpoint with the same
 seeds, under settings that make the train/rollout mismatch real: a bf16 rollout engine against an
-fp32 trainer, top-p sampling, several mini-batch updates per rollout (off-policy). Writes, under
-``--out``:
+fp32 trainer, top-p sampling, several mini-batch updates per rollout (off-policy).
+``--engine sglang`` makes the rollout engine a real SGLang 0.5.23 server that each run starts
+(``rollout.server=sglang``; ``launch/setup_sglang.sh`` first on a CPU machine): a second
+implementation of the model, as at scale. SGLang serves only all-MoE Qwen3-MoE checkpoints (as
+``deep_moe`` is), and returns sampling masks only for a finite top-k, so top-k is set to the
+vocabulary size (which truncates nothing: the arms sample with the same top-p as with the built-in
+engine). Writes, under ``--out``:
 
     <arm>/seed<k>/metrics.jsonl      the telemetry series of each run (resumable run directories)
     summary.md                       per-arm table, paired differences with 95% intervals,
@@ -114,13 +120,23 @@ SERIES = [("score/mean", "sample accuracy"), ("eval/accuracy", "greedy eval accu
           ("mech/grad_share_rerouted", "share of gradient weight on rerouted tokens")]
 
 
-def run_one(arm: str, seed: int, *, out: Path, model: Path, mode: Mode, log) -> Path:
+def engine_settings(engine: str, model: Path) -> dict:
+    """The rollout settings that select ``engine`` (see the module docstring)."""
+    if engine == "builtin":
+        return {}
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    return {"rollout.server": "sglang", "rollout.top_k": vocab}
+
+
+def run_one(arm: str, seed: int, *, out: Path, model: Path, mode: Mode, log,
+            engine: str = "builtin") -> Path:
     run_dir = out / arm / f"seed{seed}"
     if (run_dir / "done.json").exists():
         log(f"{arm} seed {seed}: done, skipped")
         return run_dir
     preset, flags, extra, _ = ARMS[arm]
-    settings = {**TASK, **MISMATCH_SETTINGS, **extra, "model.hf_path": model,
+    settings = {**TASK, **MISMATCH_SETTINGS, **extra, **engine_settings(engine, model),
+                "model.hf_path": model,
                 "training.out_dir": run_dir, "training.steps": mode.steps,
                 "training.eval_every": mode.eval_every, "training.checkpoint_every": 5,
                 "training.resume": "true", "rollout.seed": 1000 + seed, "training.seed": seed,
@@ -436,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--model", type=Path, default=None,
                         help="HF checkpoint (default: the cached deep_moe warm start)")
+    parser.add_argument("--engine", choices=["builtin", "sglang"], default="builtin",
+                        help="rollout engine: moerl's built-in server, or a real SGLang server "
+                             "started by each run (the model must be all-MoE, as deep_moe is)")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
     mode = Mode(arms=tuple(args.arms or base.arms), seeds=tuple(args.seeds or base.seeds),
@@ -451,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     for seed in mode.seeds:
         for arm in mode.arms:
-            run_one(arm, seed, out=out, model=model, mode=mode, log=log)
+            run_one(arm, seed, out=out, model=model, mode=mode, log=log, engine=args.engine)
     arms, seeds = list(mode.arms), list(mode.seeds)
     summary = summarize(out, arms, seeds)
     pairs = paired(summary, arms)
@@ -459,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     warm = model / "warmstart.json"
     (out / "summary.json").write_text(json.dumps(
         {"arms": arms, "seeds": seeds, "steps": mode.steps, "model": str(model),
-         "variant": VARIANT, "task": TASK, "settings": MISMATCH_SETTINGS,
+         "variant": VARIANT, "task": TASK, "engine": args.engine,
+         "settings": {**MISMATCH_SETTINGS, **engine_settings(args.engine, model)},
          "warmstart": json.loads(warm.read_text()) if warm.exists() else None,
          "summary": summary, "paired": pairs, "mechanism": mech}, indent=2))
     table = markdown(summary, seeds, pairs, mech)

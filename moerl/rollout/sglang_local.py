@@ -10,7 +10,9 @@ on a CPU machine; ``$MOERL_SGLANG_PYTHON`` names another interpreter, e.g. a GPU
   scheduler/detokenizer children share that group. The guard stops the group when it gets SIGTERM
   or when the process that launched it dies, so the server exits with the trainer.
 - ``launch_sglang`` returns once ``/health`` answers 200 (SGLang warms up before that), or raises
-  with the log's tail if the server exits or does not become healthy in time.
+  with the log's tail if the server exits or does not become healthy in time (30 minutes by
+  default: on a 2-core CPU shared with other jobs a tiny model's start-up took over 10 minutes,
+  and a large checkpoint on GPUs loads for minutes too).
 - ``SGLangServer.stop`` is SIGTERM to the guard (by its PID) and a wait; ``kill`` is SIGKILL to
   the whole group (a crash, for tests and for a restart after a hang).
 """
@@ -96,10 +98,27 @@ class SGLangServer:
             return ""
 
 
+# Set by torchrun for its workers; SGLang must not inherit them from trainer rank 0. With
+# TORCHELASTIC_USE_AGENT_STORE set, torch.distributed's tcp:// rendezvous (which SGLang's
+# scheduler uses for its own one-process group) makes even rank 0 a client of a store nobody
+# serves, and SGLang hangs at start-up (measured: "Init parallel begin", then nothing).
+_TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "WORLD_SIZE",
+                       "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR",
+                       "MASTER_PORT")
+
+
+def server_environment(environ: dict[str, str]) -> dict[str, str]:
+    """``environ`` without torchrun's worker variables (``TORCHELASTIC_*`` included) and the API
+    key (``launch_sglang`` sets its own)."""
+    return {k: v for k, v in environ.items()
+            if k not in _TORCHRUN_VARIABLES and not k.startswith("TORCHELASTIC_")
+            and k != API_KEY_ENV}
+
+
 def launch_sglang(model: str | Path, *, port: int = 0, dtype: str = "float32",
                   api_key: str | None = None, device: str = "auto",
                   weight_version: str = "default", log_path: str | Path | None = None,
-                  startup_timeout_s: float = 600.0, extra_args: tuple[str, ...] = (),
+                  startup_timeout_s: float = 1800.0, extra_args: tuple[str, ...] = (),
                   env: dict[str, str] | None = None) -> SGLangServer:
     """Start SGLang on ``model`` and wait until it is healthy (see the module docstring).
 
@@ -110,10 +129,9 @@ def launch_sglang(model: str | Path, *, port: int = 0, dtype: str = "float32",
     port = port or free_port()
     log_path = Path(log_path) if log_path else Path(
         tempfile.mkdtemp(prefix="moerl-sglang-")) / "server.log"
-    full_env = {**os.environ, **(env or {}), "MODEL": str(model), "PORT": str(port),
-                "DTYPE": dtype, "DEVICE": device, "PYTHON": str(python),
+    full_env = {**server_environment(os.environ), **(env or {}), "MODEL": str(model),
+                "PORT": str(port), "DTYPE": dtype, "DEVICE": device, "PYTHON": str(python),
                 "WEIGHT_VERSION": weight_version}
-    full_env.pop(API_KEY_ENV, None)
     if api_key:
         full_env[API_KEY_ENV] = api_key
     cmd = [sys.executable, "-m", "moerl.rollout.sglang_local", str(os.getpid()), "bash",
