@@ -235,7 +235,6 @@ class RolloutManager:
     def generate(self, prompt_ids: list[list[int]], *, n: int, step: int, group_offset: int = 0,
                  greedy: bool = False) -> list[Sample]:
         """``n`` samples per prompt from the current policy; restarts a dead builtin server."""
-        self._drop_dead_workers()
         params = self.sampling.params(greedy=greedy)
         coro = self.generator.generate(
             prompt_ids, n=n, sampling_params=params, max_new_tokens=params["max_new_tokens"],
@@ -248,6 +247,12 @@ class RolloutManager:
     def run(self, coro) -> list[Sample]:
         """The samples of ``coro`` (a generation over the clients, e.g. a custom rollout), under
         the dead-server watchdog and the weight-version check."""
+        try:
+            self._drop_dead_workers()
+        except BaseException:
+            if asyncio.iscoroutine(coro):
+                coro.close()  # never awaited: no "never awaited" warning
+            raise
         samples = run_sync(self._with_watchdog(coro))
         stale = {s.weight_version for s in samples} - {self.version}
         if stale:
