@@ -7,7 +7,11 @@ at ``urls``. Generation spreads groups over the servers by least outstanding wor
 checked after it. A server that fails mid-step loses no sample: its groups go to the others.
 With ``router_url`` (external servers behind SMG, ``moerl.rollout.router``) generation goes
 through the router instead, which places the requests and steps around a dead worker itself;
-pushes, health and version checks still go to every server directly.
+pushes, health and version checks still go to every server directly. Behind the router the same
+drop/rejoin holds, with SMG's worker list kept equal to the servers at the current weights: a
+worker that stops answering ``/health`` (checked before each generation and each push) is
+dropped from the fleet and removed from SMG with a warning; once healthy again it rejoins with
+the next weight push and is added back to SMG only after its version check passed.
 
 With ``rollout.server=builtin`` the manager starts moerl's servers as subprocesses, with
 ``rollout.server=sglang`` local SGLang servers (``launch/sglang_server.sh`` through
@@ -44,7 +48,8 @@ from moerl.batch import Sample
 from moerl.rollout.client import RetryPolicy, RolloutClient, RolloutError, run_sync
 from moerl.rollout.fleet import Fleet
 from moerl.rollout.protocol import MoeLayout, WireFormatError
-from moerl.rollout.router import RouterError, check_router_workers, router_drops_message
+from moerl.rollout.router import (RouterError, add_router_worker, check_router_workers,
+                                  remove_router_worker, router_drops_message)
 from moerl.rollout.launcher import ServerHandle, launch_server
 from moerl.rollout.sglang import (SEEDS_IGNORED_WARNING, check_model_servable, is_sglang,
                                   seeds_honoured)
@@ -246,6 +251,12 @@ class RolloutManager:
     def run(self, coro) -> list[Sample]:
         """The samples of ``coro`` (a generation over the clients, e.g. a custom rollout), under
         the dead-server watchdog and the weight-version check."""
+        try:
+            self._drop_dead_workers()
+        except BaseException:
+            if asyncio.iscoroutine(coro):
+                coro.close()  # never awaited: no "never awaited" warning
+            raise
         samples = run_sync(self._with_watchdog(coro))
         stale = {s.weight_version for s in samples} - {self.version}
         if stale:
@@ -290,6 +301,23 @@ class RolloutManager:
         """The fleet gave up on server ``index`` for this step (its groups went elsewhere)."""
         if not self.managed:
             self._behind.add(index)  # back only through a weight push (see _members)
+        if self.router_url:
+            log.warning("removing the worker %s from the router at %s until it answers again "
+                        "and has the current weights", self.clients[index].base_url,
+                        self.router_url)
+            remove_router_worker(self.router_url, self.clients[index].base_url,
+                                 api_key=self.api_key)
+
+    def _drop_dead_workers(self) -> None:
+        """Behind the router the fleet sees no generation failures (SMG steps around a dead
+        worker), so its workers' ``/health`` is asked instead: one that does not answer is
+        dropped like a server that failed a group. Raises ``NoServerLeft`` when none is up."""
+        if not self.router_url:
+            return
+        for i in self.fleet.live():
+            if not run_sync(self.clients[i].health()):
+                self.fleet.mark_down(i, "does not answer /health")
+        self.fleet.live()
 
     def _members(self) -> list[int]:
         """Servers a weight push goes to: every managed one (a dead one is restarted); the
@@ -312,6 +340,7 @@ class RolloutManager:
         a restarted server loads, so a server that dies during the push is simply restarted with
         the new weights, and the survivors of a broken broadcast load the same copy from disk.
         """
+        self._drop_dead_workers()
         members = self._members()
         clients = [self.clients[i] for i in members]
         if self.sync_method == "disk":
@@ -336,6 +365,10 @@ class RolloutManager:
                 raise RuntimeError(f"after the weight push the server {client.base_url} reports "
                                    f"version {served!r}, expected {version!r}")
             self.fleet.mark_up(i)
+            if self.router_url and i in self._behind:
+                add_router_worker(self.router_url, client.base_url, api_key=self.api_key)
+                log.warning("the worker %s is back in the router at %s, at version %s",
+                            client.base_url, self.router_url, version)
             self._behind.discard(i)
         self.version = version
 

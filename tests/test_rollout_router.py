@@ -220,7 +220,7 @@ def test_a_router_that_drops_routes_and_masks_is_refused(workers, layout, model_
 
 @needs_smg
 def test_a_worker_killed_mid_step_behind_smg_loses_no_sample(router, workers, layout, single):
-    """Runs last in this module: it kills a worker of the shared pair."""
+    """Runs second to last in this module: it kills a worker of the shared pair."""
     client = _router_client(router, layout,
                             retry=RetryPolicy(max_attempts=6, initial_backoff_s=0.2))
     before = [_finished(h) for h in workers]
@@ -243,3 +243,53 @@ def test_router_config_needs_the_workers():
 
     with pytest.raises(ConfigError, match="router_url needs rollout.server=external"):
         load_config([], ["rollout.router_url=http://r:1"])
+
+
+@needs_smg
+def test_a_dead_worker_leaves_smg_and_rejoins_at_the_current_weights(
+        router, workers, layout, model_dir, tmp_path, caplog):
+    """Runs after the mid-step kill (which left worker 1 dead): relaunched on its port, then
+    killed, relaunched and, with worker 0, killed for good."""
+    from transformers import AutoModelForCausalLM
+
+    from moerl.rollout.fleet import NoServerLeft
+    from moerl.rollout.router import router_worker_urls
+
+    def relaunch(i: int) -> None:
+        if workers[i].process.poll() is None:
+            return
+        workers[i] = launch_server(model_dir, port=workers[i].port, num_threads=1,
+                                   max_batch_size=1, api_key=API_KEY)
+
+    relaunch(1)
+    manager = RolloutManager(urls=tuple(h.url for h in workers), router_url=router.url,
+                             **_manager_kwargs(layout, model_dir, tmp_path))
+    manager.start(model_dir, version="")
+    weights = list(AutoModelForCausalLM.from_pretrained(model_dir).state_dict().items())
+    try:
+        manager.push_weights(weights, version="step-1")
+        workers[1].kill()
+        manager.push_weights(weights, version="step-2")  # to the survivor only
+        assert "removing the worker " + workers[1].url in caplog.text
+        assert router_worker_urls(router.url, api_key=API_KEY) == {workers[0].url}
+        before = _finished(workers[0])
+        samples = manager.generate(_prompts()[:2], n=2, step=2)
+        assert {s.weight_version for s in samples} == {"step-2"}
+        assert _finished(workers[0]) - before == 4  # all on the survivor
+
+        relaunch(1)  # a fresh server on the same URL, at the start-up weights (version "")
+        manager.push_weights(weights, version="step-3")  # brought to step-3, then back in SMG
+        assert router_worker_urls(router.url, api_key=API_KEY) == {h.url for h in workers}
+        assert run_sync(manager.clients[1].weight_version()) == "step-3"
+        before = _finished(workers[1])
+        samples = manager.generate(_prompts()[:2], n=2, step=3)
+        assert {s.weight_version for s in samples} == {"step-3"}
+        assert _finished(workers[1]) > before  # round robin: the rejoined worker serves again
+
+        for handle in workers:
+            handle.kill()
+        with pytest.raises(NoServerLeft, match="no rollout server is left: .*"
+                           + workers[0].url + ".*/health.*" + workers[1].url):
+            manager.generate(_prompts()[:1], n=1, step=4)
+    finally:
+        manager.close()

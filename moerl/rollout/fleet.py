@@ -54,15 +54,21 @@ class Fleet:
         self.up[index] = True
         self.down_reasons.pop(index, None)
 
-    def _pick(self) -> int:
+    def live(self) -> list[int]:
+        """The servers that are up; raises :class:`NoServerLeft` (naming every server and why
+        it went down) when there is none."""
         live = [i for i, up in enumerate(self.up) if up]
         if not live:
             reasons = "; ".join(f"{self.clients[i].base_url}: {why}"
                                 for i, why in sorted(self.down_reasons.items()))
             raise NoServerLeft(f"no rollout server is left: {reasons}")
-        return min(live, key=lambda i: (self.outstanding[i], i))
+        return live
 
-    def _down(self, index: int, why: str) -> None:
+    def _pick(self) -> int:
+        return min(self.live(), key=lambda i: (self.outstanding[i], i))
+
+    def mark_down(self, index: int, why: str) -> None:
+        """Server ``index`` failed: no more groups go to it, ``on_down`` is told (once)."""
         if self.up[index]:
             self.up[index] = False
             self.down_reasons[index] = why
@@ -96,7 +102,7 @@ class Fleet:
             except RolloutError as err:
                 if err.status is not None and err.status < 500:
                     raise  # the request's fault: another server would refuse it too
-                self._down(index, str(err).splitlines()[0][:300])
+                self.mark_down(index, str(err).splitlines()[0][:300])
                 continue
             finally:
                 self.outstanding[index] -= work

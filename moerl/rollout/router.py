@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 
@@ -43,18 +44,23 @@ def router_drops_message(router_url: str, err: Exception) -> str:
             f"rollout.router_url and let moerl spread groups over rollout.urls itself")
 
 
-def _get_json(url: str, api_key: str | None, timeout_s: float) -> object:
+def _call(url: str, api_key: str | None, timeout_s: float, *, method: str = "GET",
+          body: dict | None = None) -> object:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                timeout=timeout_s) as resp:
-        return json.loads(resp.read())
+    data = None
+    if body is not None:
+        data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw.strip() else None
 
 
-def router_worker_urls(router_url: str, *, api_key: str | None = None,
-                       timeout_s: float = 10.0) -> set[str]:
-    """The worker URLs SMG lists at ``GET /workers``."""
+def router_workers(router_url: str, *, api_key: str | None = None,
+                   timeout_s: float = 10.0) -> dict[str, str]:
+    """The workers SMG lists at ``GET /workers``: URL -> SMG's worker id."""
     try:
-        payload = _get_json(router_url.rstrip("/") + "/workers", api_key, timeout_s)
+        payload = _call(router_url.rstrip("/") + "/workers", api_key, timeout_s)
     except urllib.error.HTTPError as err:
         raise RouterError(f"the router at {router_url} answers GET /workers with HTTP "
                           f"{err.code}: moerl needs SMG's worker list to know that every "
@@ -66,7 +72,55 @@ def router_worker_urls(router_url: str, *, api_key: str | None = None,
     if not isinstance(workers, list):
         raise RouterError(f"the router at {router_url} answers GET /workers without a "
                           f"'workers' list: {str(payload)[:300]}")
-    return {str(w.get("url", "")).rstrip("/") for w in workers if isinstance(w, dict)}
+    return {str(w.get("url", "")).rstrip("/"): str(w.get("id", ""))
+            for w in workers if isinstance(w, dict)}
+
+
+def router_worker_urls(router_url: str, *, api_key: str | None = None,
+                       timeout_s: float = 10.0) -> set[str]:
+    """The worker URLs SMG lists at ``GET /workers``."""
+    return set(router_workers(router_url, api_key=api_key, timeout_s=timeout_s))
+
+
+def _change_workers(router_url: str, what: str, api_key: str | None, timeout_s: float,
+                    **call) -> None:
+    try:
+        _call(router_url.rstrip("/") + "/workers" + call.pop("path", ""), api_key, timeout_s,
+              **call)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise RouterError(f"the router at {router_url} refused to {what}: {err} (moerl "
+                          f"manages SMG's workers through its /workers API; launch SMG with "
+                          f"the same --api-key as the workers)") from err
+
+
+def remove_router_worker(router_url: str, url: str, *, api_key: str | None = None,
+                         timeout_s: float = 30.0) -> None:
+    """Take ``url`` out of SMG's workers (``DELETE /workers/{id}``), so that no request goes
+    to it; returns once SMG no longer lists it (SMG removes in the background)."""
+    url = url.rstrip("/")
+    deadline = time.monotonic() + timeout_s
+    while (worker_id := router_workers(router_url, api_key=api_key).get(url)) is not None:
+        if time.monotonic() > deadline:
+            raise RouterError(f"the router at {router_url} still lists the worker {url} "
+                              f"{timeout_s:.0f} s after moerl asked it to remove it")
+        _change_workers(router_url, f"remove the worker {url}", api_key, timeout_s,
+                        method="DELETE", path="/" + urllib.parse.quote(worker_id, safe=""))
+        time.sleep(0.2)
+
+
+def add_router_worker(router_url: str, url: str, *, api_key: str | None = None,
+                      timeout_s: float = 60.0) -> None:
+    """Give ``url`` back to SMG (``POST /workers``, with the workers' API key); returns once
+    SMG lists it (SMG registers in the background)."""
+    url = url.rstrip("/")
+    _change_workers(router_url, f"add the worker {url}", api_key, timeout_s, method="POST",
+                    body={"url": url, **({"api_key": api_key} if api_key else {})})
+    deadline = time.monotonic() + timeout_s
+    while url not in router_workers(router_url, api_key=api_key):
+        if time.monotonic() > deadline:
+            raise RouterError(f"the router at {router_url} did not list the worker {url} "
+                              f"{timeout_s:.0f} s after moerl added it (see SMG's log)")
+        time.sleep(0.2)
 
 
 def check_router_workers(router_url: str, urls: list[str], *, api_key: str | None = None,
