@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from moerl.families import qwen3_moe
 from moerl.families.base import (
     Family, MoEArchitecture, RouterRule, common_fields, require_default_rope)
+from moerl.families.qwen3_moe import megatron_settings as qwen3_megatron_settings
+from moerl.families.qwen3_moe import units as qwen3_units
 
 
 def _refuse_unsupported(cfg: dict[str, Any]) -> None:
@@ -42,4 +43,4 @@ def read(cfg: dict[str, Any]) -> MoEArchitecture:
 # QK-norm weights' full-projection sizes and the model builder's norm follow from
 # ``qk_norm_full_projection`` in the record.
 FAMILY = Family(name="olmoe", model_types=("olmoe",), read=read,
-                megatron_settings=qwen3_moe.megatron_settings, units=qwen3_moe.units)
+                megatron_settings=qwen3_megatron_settings, units=qwen3_units)
