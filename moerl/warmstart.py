@@ -35,7 +35,7 @@ from moerl.tasks.arithmetic import EOS_ID, PAD_ID, ArithmeticTask
 from moerl.tasks.chain import ChainArithmeticTask
 from moerl.tiny_model import TINY_VARIANTS, create_tiny_hf_model
 
-SftTask = ArithmeticTask | ChainArithmeticTask
+SftTask = ArithmeticTask  # ChainArithmeticTask is one too
 DEFAULT_VARIANT = "tiny_moe"
 
 

@@ -47,6 +47,15 @@ class CharTokenizer:
 class ArithmeticTask:
     """Sums of ``num_terms`` integers in ``0..max_operand``."""
 
+    # Names of the random streams of training and evaluation problems (subclasses keep theirs
+    # apart from these), and the one correct answer to terms.
+    train_stream = "train"
+    eval_stream = "eval"
+
+    @staticmethod
+    def answer(terms: list[int]) -> str:
+        return str(sum(terms))
+
     def __init__(self, *, max_operand: int = 9, num_terms: int = 2, eval_size: int = 64,
                  seed: int = 7):
         if max_operand < 1 or num_terms < 2:
@@ -61,14 +70,14 @@ class ArithmeticTask:
         terms = [rng.randint(0, self.max_operand) for _ in range(self.num_terms)]
         text = "+".join(map(str, terms)) + "="
         ids = (BOS_ID, *self.tokenizer.encode(text))
-        return Prompt(ids=ids, text=text, answer=str(sum(terms)))
+        return Prompt(ids=ids, text=text, answer=self.answer(terms))
 
     def prompts(self, step: int, count: int) -> list[Prompt]:
-        rng = random.Random(f"{self.seed}/train/{step}")
+        rng = random.Random(f"{self.seed}/{self.train_stream}/{step}")
         return [self._problem(rng) for _ in range(count)]
 
     def eval_set(self) -> list[Prompt]:
-        rng = random.Random(f"{self.seed}/eval")
+        rng = random.Random(f"{self.seed}/{self.eval_stream}")
         return [self._problem(rng) for _ in range(self.eval_size)]
 
     def reward(self, prompt: Prompt, response_ids: list[int]) -> float:

@@ -14,10 +14,7 @@ Same character tokenizer and 64-id vocabulary as :mod:`moerl.tasks.arithmetic`.
 
 from __future__ import annotations
 
-import random
-
-from moerl.tasks.arithmetic import BOS_ID, EOS_ID, CharTokenizer
-from moerl.tasks.base import Prompt
+from moerl.tasks.arithmetic import ArithmeticTask
 
 
 def chain_text(terms: list[int]) -> str:
@@ -29,42 +26,19 @@ def chain_text(terms: list[int]) -> str:
     return " ".join(steps)
 
 
-class ChainArithmeticTask:
-    """Sums of ``num_terms`` integers in ``0..max_operand``, answered step by step."""
+class ChainArithmeticTask(ArithmeticTask):
+    """Sums of ``num_terms`` integers in ``0..max_operand``, answered step by step: the
+    arithmetic task with :func:`chain_text` as the answer and random streams of its own."""
+
+    train_stream = "chain"
+    eval_stream = "chain-eval"
+    answer = staticmethod(chain_text)
 
     def __init__(self, *, max_operand: int = 30, num_terms: int = 4, eval_size: int = 64,
                  seed: int = 7):
-        if max_operand < 1 or num_terms < 2:
-            raise ValueError("task.max_operand must be >= 1 and task.num_terms >= 2")
-        self.tokenizer = CharTokenizer()
-        self.max_operand = max_operand
-        self.num_terms = num_terms
-        self.eval_size = eval_size
-        self.seed = seed
+        super().__init__(max_operand=max_operand, num_terms=num_terms, eval_size=eval_size,
+                         seed=seed)
 
     def max_response_tokens(self) -> int:
         """The longest correct response, ``<eos>`` included (for rollout.max_new_tokens)."""
         return len(chain_text([self.max_operand] * self.num_terms)) + 1
-
-    def _problem(self, rng: random.Random) -> Prompt:
-        terms = [rng.randint(0, self.max_operand) for _ in range(self.num_terms)]
-        text = "+".join(map(str, terms)) + "="
-        ids = (BOS_ID, *self.tokenizer.encode(text))
-        return Prompt(ids=ids, text=text, answer=chain_text(terms))
-
-    def prompts(self, step: int, count: int) -> list[Prompt]:
-        rng = random.Random(f"{self.seed}/chain/{step}")
-        return [self._problem(rng) for _ in range(count)]
-
-    def eval_set(self) -> list[Prompt]:
-        rng = random.Random(f"{self.seed}/chain-eval")
-        return [self._problem(rng) for _ in range(self.eval_size)]
-
-    def reward(self, prompt: Prompt, response_ids: list[int]) -> float:
-        if EOS_ID not in response_ids:
-            return 0.0  # ran out of budget: no committed answer
-        return float(self.tokenizer.decode(response_ids) == prompt.answer)
-
-    def sft_text(self, prompt: Prompt) -> list[int]:
-        """Prompt + worked answer + eos, for the warm start's supervised training."""
-        return [*prompt.ids, *self.tokenizer.encode(prompt.answer), EOS_ID]
