@@ -298,8 +298,9 @@ def test_routing_replay_refuses_a_second_model(isolated_instances):
 
 def _results(stdout: str) -> list[dict]:
     prefix = "REPLAY_CHECKS_OK "
-    return [json.loads(line[len(prefix):]) for line in stdout.splitlines()
-            if line.startswith(prefix)]
+    lines = [line[len(prefix):] for line in stdout.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, stdout[-3000:]
+    return json.loads(lines[0])
 
 
 @pytest.mark.compat

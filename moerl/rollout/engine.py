@@ -494,6 +494,9 @@ class Engine:
         out = sample_with_support(
             logits_BV, **self._sampling_args(rows),
             uniform_B=torch.tensor([self._next_uniform(r) for r in reqs], dtype=torch.float64))
+        # The step worked: clear the failure before any result goes out, so that a client that
+        # has its answer never sees /health still report the last step's error.
+        self.last_error = None
         tokens = out.token_B.tolist()
         full = out.full_logprob_B.tolist()
         selected = out.sampling_logprob_B.tolist()

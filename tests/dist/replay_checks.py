@@ -23,7 +23,7 @@ hand gate weights are the unbiased sigmoid renormalised and scaled: the bias nev
   consumption  skipping the backward after switch_to_backward() fails the consumption assert.
   restore      an exception inside a context leaves every router routing naturally.
   second model building another routing-replay model makes RoutingReplay refuse.
-Prints ``REPLAY_CHECKS_OK <json>`` per rank when every check passed.
+Rank 0 prints ``REPLAY_CHECKS_OK <json list, one entry per rank>`` when every check passed.
 """
 
 from __future__ import annotations
@@ -395,7 +395,12 @@ def main() -> None:
     try:
         result = {flavour: run_flavour(layout, groups, flavour=flavour)
                   for flavour in FLAVOURS}
-        print("REPLAY_CHECKS_OK " + json.dumps({"rank": layout.rank, **result}), flush=True)
+        # Rank 0 prints every rank's result on one line: two ranks printing long lines to one
+        # pipe can interleave them.
+        results = [None] * dist.get_world_size()
+        dist.all_gather_object(results, {"rank": layout.rank, **result})
+        if layout.rank == 0:
+            print("REPLAY_CHECKS_OK " + json.dumps(results), flush=True)
     finally:
         destroy_parallel()
 
