@@ -17,7 +17,6 @@ embeddings), fp32 on CPU:
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent / "dist"))
 sys.path.insert(0, str(Path(__file__).parent))
 from family_models import MAKERS  # noqa: E402
 from model_common import hf_target_logprobs, torchrun  # noqa: E402
+from e2e_util import run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS_2 = ("2,2,1", "2,1,1", "1,2,1", "2,1,2")
@@ -61,10 +61,10 @@ def bridge(ckpts, tmp_path_factory):
 def test_round_trip_is_bit_identical_at_every_layout(bridge):
     _, results = bridge
     assert sorted(results) == sorted(RUNS)
-    for run, per_rank in results.items():
+    for layout_run, per_rank in results.items():
         for res in per_rank:
-            assert res["order_ok"], run
-            assert (res["missing"], res["extra"], res["mismatched"]) == ([], [], []), (run, res)
+            assert res["order_ok"], layout_run
+            assert (res["missing"], res["extra"], res["mismatched"]) == ([], [], []), (layout_run, res)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -82,9 +82,7 @@ def test_parity_tool_routes_agree_with_transformers_tp2_ep2(ckpts, name):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "tools" / "parity.py"), "--hf", str(ckpts[name]), "--tp", "2", "--ep", "2",
            "--seq", "16"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                               "PYTHONWARNINGS": "ignore"})
+    proc = run(cmd, timeout=300, env={"PYTHONWARNINGS": "ignore"}, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
     assert report["route_agreement"] == 1.0, report

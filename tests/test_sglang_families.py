@@ -13,7 +13,6 @@ families".
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 from moerl.rollout.client import RolloutClient
 from moerl.rollout.protocol import MoeLayout
+from e2e_util import run
 from sglang_util import running_sglang
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -39,9 +39,7 @@ def trainer_scores(ckpt: Path, ids: list[list[int]], tmp_path: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "tools" / "parity.py"), "--hf", str(ckpt), "--tp", "2", "--ep", "2",
            "--ids", str(tmp_path / "ids.json"), "--dump", str(tmp_path / "trainer.pt")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                               "PYTHONWARNINGS": "ignore"})
+    proc = run(cmd, timeout=600, env={"PYTHONWARNINGS": "ignore"}, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(tmp_path / "trainer.pt", weights_only=True)
 

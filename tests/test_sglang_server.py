@@ -36,8 +36,37 @@ def moe_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sglang(moe_dir):
-    with running_sglang(moe_dir) as server:
-        yield server
+    """The module's server. Its start-up first meets a port already taken between moerl picking
+    it and SGLang binding it (as when two servers start at once): it must start again on
+    another port."""
+    import socket
+
+    from moerl.rollout import sglang_local
+
+    with socket.socket() as taken, pytest.MonkeyPatch.context() as mp:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        picks = [taken.getsockname()[1]]
+        real_free_port = sglang_local.free_port
+        mp.setattr(sglang_local, "free_port",
+                   lambda: picks.pop() if picks else real_free_port())
+        with running_sglang(moe_dir) as server:
+            server.taken_port = taken.getsockname()[1]
+            mp.undo()
+            yield server
+
+
+def test_a_port_taken_during_start_up_is_replaced_by_a_free_one(sglang):
+    assert sglang.port != sglang.taken_port
+    assert sglang_local_clash(sglang.log_path)
+    with urllib.request.urlopen(sglang.url + "/health", timeout=30) as resp:
+        assert resp.status == 200
+
+
+def sglang_local_clash(log_path) -> bool:
+    from moerl.rollout.sglang_local import _port_clash
+
+    return _port_clash(log_path, 0)
 
 
 @pytest.fixture(scope="module")

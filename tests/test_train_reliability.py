@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from e2e_util import REPO, fast_overrides, read_metrics, torchrun
+from e2e_util import REPO, fast_overrides, read_metrics, run, torchrun
 
 # Wall-clock and restart counters legitimately differ between a resumed and a straight run.
 VOLATILE = ("time/", "rollout/server_restarts")
@@ -181,11 +181,10 @@ def test_mask_without_truncation_fails_before_work(warm_model, tmp_path):
 
 
 def test_nonfinite_skip_and_reference_swap(warm_model):
-    proc = subprocess.run(
+    proc = run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(REPO / "tests" / "dist" / "actor_checks.py"), str(warm_model)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["nan_step"]["ok"] is False and result["nan_step"]["unchanged"]

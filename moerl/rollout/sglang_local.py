@@ -122,13 +122,51 @@ def launch_sglang(model: str | Path, *, port: int = 0, dtype: str = "float32",
                   env: dict[str, str] | None = None) -> SGLangServer:
     """Start SGLang on ``model`` and wait until it is healthy (see the module docstring).
 
-    ``port=0`` picks a free port. ``env`` adds variables for the launch script (``TP``,
-    ``SAMPLING_MASK_MAX_TOKENS``, ``DETERMINISTIC``, ...). The API key travels in the environment.
+    ``port=0`` picks a free port, and picks another (3 tries in all) if SGLang exits during
+    start-up because a port was taken in the meantime. ``env`` adds variables for the launch
+    script (``TP``, ``SAMPLING_MASK_MAX_TOKENS``, ``DETERMINISTIC``, ...). The API key travels
+    in the environment.
     """
     python = sglang_python()
-    port = port or free_port()
     log_path = Path(log_path) if log_path else Path(
         tempfile.mkdtemp(prefix="moerl-sglang-")) / "server.log"
+    attempts = 1 if port else _PORT_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        chosen = port or free_port()
+        start = log_path.stat().st_size if log_path.exists() else 0
+        try:
+            return _launch_once(model, python=python, port=chosen, dtype=dtype, api_key=api_key,
+                                device=device, weight_version=weight_version, log_path=log_path,
+                                startup_timeout_s=startup_timeout_s, extra_args=extra_args,
+                                env=env)
+        except RuntimeError:
+            # A port picked here can be taken by another process (another server starting at
+            # the same time, one of SGLang's own derived ports) before SGLang binds it, tens of
+            # seconds later: then start again on a fresh port.
+            if attempt == attempts or not _port_clash(log_path, start):
+                raise
+    raise AssertionError("unreachable")
+
+
+# How SGLang 0.5.23 (uvicorn, its port checks, torch.distributed) reports a port it cannot bind.
+_PORT_CLASH = ("address already in use", "eaddrinuse", "port is already in use",
+               "is not available in")
+_PORT_ATTEMPTS = 3
+
+
+def _port_clash(log_path: Path, start: int) -> bool:
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace").lower()
+    except OSError:
+        return False
+    return any(marker in text for marker in _PORT_CLASH)
+
+
+def _launch_once(model, *, python: Path, port: int, dtype: str, api_key: str | None,
+                 device: str, weight_version: str, log_path: Path, startup_timeout_s: float,
+                 extra_args: tuple[str, ...], env: dict[str, str] | None) -> SGLangServer:
     full_env = {**server_environment(os.environ), **(env or {}), "MODEL": str(model),
                 "PORT": str(port), "DTYPE": dtype, "DEVICE": device, "PYTHON": str(python),
                 "WEIGHT_VERSION": weight_version}

@@ -7,7 +7,6 @@ The scripts run under torchrun on gloo; the tests in ``tests/`` start them with 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +20,12 @@ def torchrun(script: str, *args: str, nproc: int, timeout_s: float = 240.0) -> s
 
     Raises AssertionError with the output tail on failure or timeout.
     """
+    from e2e_util import run  # tests/: the test fork server, or torchrun itself
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", str(Path(__file__).parent / script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        proc = run(cmd, timeout=timeout_s, env={"PYTHONWARNINGS": "ignore"}, check=False)
     except subprocess.TimeoutExpired as exc:
         out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (
             exc.stdout or "")
