@@ -122,8 +122,9 @@ def launch_sglang(model: str | Path, *, port: int = 0, dtype: str = "float32",
                   env: dict[str, str] | None = None) -> SGLangServer:
     """Start SGLang on ``model`` and wait until it is healthy (see the module docstring).
 
-    ``port=0`` picks a free port, and picks another (3 tries in all) if SGLang exits during
-    start-up because a port was taken in the meantime. ``env`` adds variables for the launch
+    ``port=0`` picks a free port, and picks another (3 tries in all) if SGLang cannot bind a
+    port during start-up because it was taken in the meantime (SGLang logs that and hangs; this
+    stops it). ``env`` adds variables for the launch
     script (``TP``, ``SAMPLING_MASK_MAX_TOKENS``, ``DETERMINISTIC``, ...). The API key travels
     in the environment.
     """
@@ -133,17 +134,16 @@ def launch_sglang(model: str | Path, *, port: int = 0, dtype: str = "float32",
     attempts = 1 if port else _PORT_ATTEMPTS
     for attempt in range(1, attempts + 1):
         chosen = port or free_port()
-        start = log_path.stat().st_size if log_path.exists() else 0
         try:
             return _launch_once(model, python=python, port=chosen, dtype=dtype, api_key=api_key,
                                 device=device, weight_version=weight_version, log_path=log_path,
                                 startup_timeout_s=startup_timeout_s, extra_args=extra_args,
                                 env=env)
-        except RuntimeError:
+        except PortClash:
             # A port picked here can be taken by another process (another server starting at
             # the same time, one of SGLang's own derived ports) before SGLang binds it, tens of
             # seconds later: then start again on a fresh port.
-            if attempt == attempts or not _port_clash(log_path, start):
+            if attempt == attempts:
                 raise
     raise AssertionError("unreachable")
 
@@ -174,24 +174,37 @@ def _launch_once(model, *, python: Path, port: int, dtype: str, api_key: str | N
         full_env[API_KEY_ENV] = api_key
     cmd = [sys.executable, "-m", "moerl.rollout.sglang_local", str(os.getpid()), "bash",
            str(LAUNCH_SCRIPT), *extra_args]
+    log_start = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env,
                                    start_new_session=True, cwd=REPO)
     server = SGLangServer(process=process, port=port, api_key=api_key, log_path=log_path)
     try:
-        _wait_healthy(server, startup_timeout_s)
+        _wait_healthy(server, startup_timeout_s, log_start=log_start)
+    except PortClash:
+        server.kill()  # hung after the bind error: SIGTERM would only wait out the grace period
+        raise
     except BaseException:
         server.stop()
         raise
     return server
 
 
-def _wait_healthy(server: SGLangServer, timeout_s: float) -> None:
+class PortClash(RuntimeError):
+    """SGLang found a port it needs taken during start-up."""
+
+
+def _wait_healthy(server: SGLangServer, timeout_s: float, log_start: int = 0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not server.alive():
-            raise RuntimeError(f"SGLang exited with code {server.process.returncode} during "
-                               f"start-up (log {server.log_path}):\n{server.log_tail()}")
+            error = PortClash if _port_clash(server.log_path, log_start) else RuntimeError
+            raise error(f"SGLang exited with code {server.process.returncode} during "
+                        f"start-up (log {server.log_path}):\n{server.log_tail()}")
+        if _port_clash(server.log_path, log_start):
+            # SGLang 0.5.23 logs uvicorn's bind error and then hangs instead of exiting.
+            raise PortClash(f"SGLang could not bind a port during start-up (log "
+                            f"{server.log_path}):\n{server.log_tail()}")
         try:
             with urllib.request.urlopen(server.url + "/health", timeout=5) as resp:
                 if resp.status == 200:
