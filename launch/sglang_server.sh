@@ -7,7 +7,9 @@
 # DEVICE=auto (default) picks cuda when $PYTHON's torch sees a GPU, else cpu. On cpu (SGLang's
 # environment from launch/setup_sglang.sh, which also applies the CPU shims) it adds
 #   SGLANG_USE_CPU_ENGINE=1 --device cpu --attention-backend torch_native --sampling-backend pytorch
-#   --disable-overlap-schedule --cuda-graph-backend-{decode,prefill}=disabled
+#   --disable-overlap-schedule --cuda-graph-backend-{decode,prefill}=disabled --sleep-on-idle
+#   (the scheduler otherwise busy-polls a core the whole time the server is up, a core the
+#   trainer ranks on the same machine need; it still wakes at once on a request)
 #   --max-total-tokens $MAX_TOTAL_TOKENS (8192) and MEM_FRACTION 0.6 (of host memory; the KV
 #   pool is capped by --max-total-tokens, the fraction only has to exceed what is in use),
 # and DTYPE defaults to float32.
@@ -113,7 +115,7 @@ if [[ "$DEVICE" == cpu ]]; then
   export SGLANG_USE_CPU_ENGINE=1
   args+=(--device cpu --attention-backend torch_native --disable-overlap-schedule
          --cuda-graph-backend-decode=disabled --cuda-graph-backend-prefill=disabled
-         --max-total-tokens "$MAX_TOTAL_TOKENS")
+         --sleep-on-idle --max-total-tokens "$MAX_TOTAL_TOKENS")
 elif [[ "$DETERMINISTIC" == 1 ]]; then
   args+=(--enable-deterministic-inference)
 fi

@@ -96,12 +96,25 @@ class CheckpointManager:
 
     def resume(self, actor, critic) -> int:
         """Load the newest intact checkpoint (collective); its step, or 0 when there is none."""
+        step = self.resume_step()
+        if step is None:
+            return 0
+        self.load_intact(step, actor, critic)
+        return step
+
+    def load_intact(self, step: int, actor, critic) -> None:
+        """Load checkpoint ``step`` that :meth:`resume_step` just verified (collective)."""
+        self._load_files(step, actor, critic)
+        log.warning("resumed from step %d (%s)", step, self.path(step))
+
+    def resume_step(self) -> int | None:
+        """The step of the newest intact checkpoint (collective: every rank verifies its own
+        files), or None when there is none; nothing is loaded. Damaged ones are skipped with a
+        warning; ConfigError when there are checkpoints and none is intact."""
         candidates = self.steps()
         for step in candidates:
             bad = self._problems(step)
             if not bad:
-                self._load_files(step, actor, critic)
-                log.warning("resumed from step %d (%s)", step, self.path(step))
                 return step
             if self.layout.rank == 0:
                 for rank, problem in bad:
@@ -111,7 +124,7 @@ class CheckpointManager:
             raise ConfigError(f"no intact checkpoint in {self.root} (tried steps {candidates}; "
                               f"the warnings above say what was wrong): move the directory "
                               f"away, or set training.resume=false to start over")
-        return 0
+        return None
 
     def load(self, step: int, actor, critic) -> None:
         """Load checkpoint ``step`` (collective), verified like a resume; a damaged one raises

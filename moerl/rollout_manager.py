@@ -157,6 +157,11 @@ class RolloutManager:
             self.close()
             raise
 
+    def start_in_background(self, weights_dir: str | Path, version: str) -> "Starting":
+        """:meth:`start` in a thread of its own, so the caller can build its models meanwhile;
+        :meth:`Starting.result` waits for it and raises its error."""
+        return Starting(self, weights_dir, version)
+
     def _router_client(self) -> RolloutClient:
         """The client of the router (see ``moerl.rollout.router``), checked to list exactly the
         servers this manager pushes weights to and to carry routes and masks intact."""
@@ -403,3 +408,42 @@ class RolloutManager:
 def hash_seed(seed: int, step: int) -> int:
     """The rollout seed of one RL step (the client derives per-sample seeds from it)."""
     return (seed * 1_000_003 + step) % (2**31 - 1)
+
+
+class Starting:
+    """A :meth:`RolloutManager.start` running in a daemon thread (a daemon: an interrupted
+    trainer exits without waiting out a start-up; the servers it started exit with it)."""
+
+    def __init__(self, manager: RolloutManager, weights_dir: str | Path, version: str):
+        self._manager = manager
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._abandoned = False
+        threading.Thread(target=self._run, args=(weights_dir, version), daemon=True,
+                         name="moerl-rollout-start").start()
+
+    def _run(self, weights_dir, version) -> None:
+        try:
+            self._manager.start(weights_dir, version)  # closes what it started if it fails
+        except BaseException as err:  # noqa: BLE001 - handed to result()
+            self._error = err
+        with self._lock:
+            self._done.set()
+            close = self._abandoned and self._error is None
+        if close:
+            self._manager.close()
+
+    def result(self) -> None:
+        """Wait for the start-up; raise its error, if any."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+    def abandon(self) -> None:
+        """The caller failed: close the servers, now or as soon as the start-up ends."""
+        with self._lock:
+            self._abandoned = True
+            close = self._done.is_set() and self._error is None
+        if close:
+            self._manager.close()

@@ -442,31 +442,11 @@ def setup(cfg: Config) -> tuple[Run, int]:
                  adam_beta2=tr.adam_beta2, clip_grad=tr.grad_clip, warmup_steps=tr.warmup_steps,
                  use_distributed_optimizer=p.distributed_optimizer,
                  bf16=cfg.model.dtype == "bfloat16", fp16=cfg.model.dtype == "float16")
-    dispatcher = None if cfg.model.token_dispatcher == "auto" else cfg.model.token_dispatcher
-    actor = Actor(arch=arch, layout=layout, groups=groups, hf_path=str(hf_path),
-                  ref_path=cfg.model.ref_path, bf16=cfg.model.dtype == "bfloat16",
-                  recompute=cfg.model.recompute, token_dispatcher=dispatcher, optim=optim,
-                  fp16=cfg.model.dtype == "float16")
-    critic = None
-    if cfg.algorithm.advantage in CRITIC_ESTIMATORS:
-        from moerl.trainer.critic import Critic
-
-        critic = Critic(arch=arch, layout=layout, groups=groups,
-                        hf_path=cfg.model.critic_path or str(hf_path),
-                        bf16=cfg.model.dtype == "bfloat16", token_dispatcher=dispatcher,
-                        optim={**optim, "lr": cfg.algorithm.critic_lr},
-                        value_clip=cfg.algorithm.value_clip, fp16=cfg.model.dtype == "float16")
-    objective = Objective.from_config(cfg.algorithm, cfg.rollout)
-    ptx = None
-    if cfg.algorithm.ptx_coef > 0 and rl:
-        from moerl.tasks.pretrain import PretrainData
-
-        ptx = PretrainData(cfg.algorithm.ptx_path, tokenizer=task.tokenizer,
-                           max_len=arch.max_position_embeddings, seed=cfg.training.seed)
     checkpoints = CheckpointManager(out_dir / "checkpoints", every=tr.checkpoint_every,
                                     final_step=tr.steps, layout=layout)
-    start_step = checkpoints.resume(actor, critic) if tr.resume else 0
-    rollout = None
+    resume_step = checkpoints.resume_step() if tr.resume else None  # verified, not loaded
+    start_step = resume_step or 0
+    rollout = starting = None
     rl_left = rl and start_step < tr.steps  # a finished run starts no server and pushes nothing
     byo = _bring_your_own(cfg, task) if layout.rank == 0 and rl_left else {}
     if layout.rank == 0 and rl_left:
@@ -493,7 +473,40 @@ def setup(cfg: Config) -> tuple[Run, int]:
             num_servers=r.num_servers,
             urls=tuple(u.strip() for u in r.urls.split(",") if u.strip()),
             router_url=r.router_url)
-        rollout.start(hf_path, version="step-0")
+        # The servers start while the trainer builds its models and loads its checkpoint:
+        # both take long at scale (an SGLang start-up, a Megatron build), and neither waits
+        # for the other.
+        starting = rollout.start_in_background(hf_path, version="step-0")
+    try:
+        dispatcher = None if cfg.model.token_dispatcher == "auto" else cfg.model.token_dispatcher
+        actor = Actor(arch=arch, layout=layout, groups=groups, hf_path=str(hf_path),
+                      ref_path=cfg.model.ref_path, bf16=cfg.model.dtype == "bfloat16",
+                      recompute=cfg.model.recompute, token_dispatcher=dispatcher, optim=optim,
+                      fp16=cfg.model.dtype == "float16")
+        critic = None
+        if cfg.algorithm.advantage in CRITIC_ESTIMATORS:
+            from moerl.trainer.critic import Critic
+
+            critic = Critic(arch=arch, layout=layout, groups=groups,
+                            hf_path=cfg.model.critic_path or str(hf_path),
+                            bf16=cfg.model.dtype == "bfloat16", token_dispatcher=dispatcher,
+                            optim={**optim, "lr": cfg.algorithm.critic_lr},
+                            value_clip=cfg.algorithm.value_clip, fp16=cfg.model.dtype == "float16")
+        objective = Objective.from_config(cfg.algorithm, cfg.rollout)
+        ptx = None
+        if cfg.algorithm.ptx_coef > 0 and rl:
+            from moerl.tasks.pretrain import PretrainData
+
+            ptx = PretrainData(cfg.algorithm.ptx_path, tokenizer=task.tokenizer,
+                               max_len=arch.max_position_embeddings, seed=cfg.training.seed)
+        if resume_step is not None:
+            checkpoints.load_intact(resume_step, actor, critic)
+    except BaseException:
+        if starting is not None:
+            starting.abandon()
+        raise
+    if starting is not None:
+        starting.result()  # the start-up's own error, if any (it closed what it started)
     telemetry = Telemetry(out_dir, total_steps=tr.steps, start_step=start_step,
                           tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                           enabled=layout.rank == 0, wandb=_wandb_settings(cfg))

@@ -63,6 +63,35 @@ def test_a_port_taken_during_start_up_is_replaced_by_a_free_one(sglang):
         assert resp.status == 200
 
 
+def _group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in process group ``pgid``."""
+    import os
+
+    total = 0.0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the command: state, ppid, pgrp, ...
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def test_an_idle_cpu_server_leaves_the_cores_to_the_trainer(sglang):
+    """On cpu the launch script passes --sleep-on-idle: SGLang's scheduler otherwise busy-polls a
+    core the whole time it is up (measured: ~1 CPU-second per second), taking it from the
+    trainer ranks on the same machine."""
+    import time
+
+    time.sleep(2.0)  # past any start-up work
+    before, start = _group_cpu_seconds(sglang.process.pid), time.monotonic()
+    time.sleep(4.0)
+    used = (_group_cpu_seconds(sglang.process.pid) - before) / (time.monotonic() - start)
+    assert used < 0.3, f"the idle server used {used:.2f} CPU-seconds per second"
+
+
 def sglang_local_clash(log_path) -> bool:
     from moerl.rollout.sglang_local import _port_clash
 
