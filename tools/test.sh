@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The test command. After the same idempotent set-up as the main job (.venv, the primary stack:
-# Python 3.12, megatron-core 0.19) it runs, in order:
+# Python 3.12, megatron-core 0.19) it runs:
 #   1. the whole suite in .venv except the tests marked `sglang`;
 #   2. the `sglang` tests (a real SGLang 0.5.23 server from .venv-sglang) in .venv;
 #   3. the tests marked `compat` in .venv-mcore016 (Python 3.10/3.11, megatron-core 0.16.1): HF
 #      parity at TP=2/EP=2, routing-replay exactness, an end-to-end RL run, the CPU patches and
-#      Megatron-internal guards.
+#      Megatron-internal guards. It runs beside step 2 (whose time goes mostly to single-process
+#      SGLang start-ups); its output follows step 2's.
 # The set-ups of steps 2 and 3 (launch/setup_sglang.sh, launch/setup.sh --compat: downloads and
-# unpacking, minutes on a fresh machine, a second once stamped) run in the background during step
-# 1; their logs are printed if they fail. MOERL_SKIP_SGLANG=1 skips step 2 and its set-up;
+# unpacking, minutes on a fresh machine, a second once stamped) run in the background (SGLang's
+# from the start, beside .venv's; the compatibility one once .venv says it is wanted); their logs
+# are printed if they fail. MOERL_SKIP_SGLANG=1 skips step 2 and its set-up;
 # MOERL_TEST_COMPAT=0 skips step 3 (it is skipped anyway when .venv is that stack already: no
 # Python 3.12 here). One warm-started model (tests/conftest.py) is cached for all steps in a
-# temporary folder ($MOERL_TEST_CACHE) that is removed at the end.
+# temporary folder ($MOERL_TEST_CACHE) that is removed at the end. The suite's torchrun launches
+# go through a fork server (tests/forkserver.py; MOERL_TEST_LAUNCHER=torchrun: real torchrun).
 #
 # Fails when any test fails or a set-up fails, and when a step ran no test. Extra arguments go to
 # pytest in every step (e.g. -x, -k routing; with -k, a step that selects nothing is not a
@@ -44,7 +47,6 @@ run_pytest() {
   return "$status"
 }
 
-launch/setup.sh
 work=$(mktemp -d "${TMPDIR:-/tmp}/moerl-test.XXXXXX")
 export MOERL_TEST_CACHE=$work/cache
 mkdir -p "$MOERL_TEST_CACHE"
@@ -56,15 +58,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
+own_marker=0
 for arg in "$@"; do
   if [ "$arg" = "-m" ] || [[ "$arg" == -m?* ]]; then
-    run_pytest .venv "$@" || failed=1
-    [ "$ran_tests" = 1 ] || failed=1
-    exit "$failed"
+    own_marker=1
   fi
 done
+if [ "$own_marker" = 1 ]; then
+  launch/setup.sh
+  run_pytest .venv "$@" || failed=1
+  [ "$ran_tests" = 1 ] || failed=1
+  exit "$failed"
+fi
 
-# Start the other steps' set-ups now; each writes its log and exit status in $work.
+# Set-ups other than .venv's run in the background; each writes its log and exit status in $work.
 background_setup() {  # NAME COMMAND...
   local name=$1
   shift
@@ -86,6 +93,12 @@ await_setup() {
 
 sglang=1
 [ "${MOERL_SKIP_SGLANG:-0}" = 1 ] && sglang=0
+sglang_pid= compat_pid=
+if [ "$sglang" = 1 ]; then  # independent of .venv: it starts at once
+  background_setup sglang launch/setup_sglang.sh
+  sglang_pid=${bg_pids[-1]}
+fi
+launch/setup.sh
 compat=1
 if [ "${MOERL_TEST_COMPAT:-1}" = "0" ]; then
   compat=0
@@ -94,17 +107,26 @@ elif .venv/bin/python -c 'import sys; sys.exit(sys.version_info >= (3, 12))'; th
   compat=0
   echo "tools/test.sh: .venv is Python < 3.12 with megatron-core 0.16.1 already: no compat step"
 fi
-sglang_pid= compat_pid=
-if [ "$sglang" = 1 ]; then
-  background_setup sglang launch/setup_sglang.sh
-  sglang_pid=${bg_pids[-1]}
-fi
 if [ "$compat" = 1 ]; then
   background_setup compat launch/setup.sh --compat
   compat_pid=${bg_pids[-1]}
 fi
 
 run_pytest .venv -m "not sglang" "$@" || failed=1
+
+# The compatibility step runs beside the SGLang step (whose time goes mostly to single-process
+# SGLang start-ups); its output is printed after the SGLang step's.
+compat_run_pid=
+if [ "$compat" = 1 ]; then
+  if await_setup compat "$compat_pid"; then
+    ( set +e; run_pytest .venv-mcore016 -m compat "$@" > "$work/compat-tests.log" 2>&1
+      status=$?; echo "$status $ran_tests" > "$work/compat-tests.status" ) &
+    compat_run_pid=$!
+    bg_pids+=("$compat_run_pid")
+  else
+    failed=1
+  fi
+fi
 
 if [ "$sglang" = 1 ]; then
   if await_setup sglang "$sglang_pid"; then
@@ -116,12 +138,13 @@ else
   echo "tools/test.sh: MOERL_SKIP_SGLANG=1: the real-SGLang tests skipped"
 fi
 
-if [ "$compat" = 1 ]; then
-  if await_setup compat "$compat_pid"; then
-    run_pytest .venv-mcore016 -m compat "$@" || failed=1
-  else
-    failed=1
-  fi
+if [ -n "$compat_run_pid" ]; then
+  wait "$compat_run_pid" || true
+  echo "tools/test.sh: the compatibility step (.venv-mcore016, -m compat):"
+  cat "$work/compat-tests.log"
+  read -r compat_status compat_ran < "$work/compat-tests.status" || compat_status=1
+  [ "${compat_status:-1}" = 0 ] || failed=1
+  [ "${compat_ran:-0}" = 1 ] && ran_tests=1
 fi
 if [ "$ran_tests" = 0 ]; then
   echo "tools/test.sh: no step ran a test" >&2
