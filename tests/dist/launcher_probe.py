@@ -23,7 +23,9 @@ def main() -> None:
             print("rank failing on purpose", file=sys.stderr, flush=True)
             sys.exit(3)
         time.sleep(600)  # stopped by the launcher well before this
-    print("PROBE " + json.dumps(seen), flush=True)
+    # One write: torchrun runs its workers unbuffered (-u), where print's text and newline are
+    # two writes that another rank's line can fall between on the shared pipe.
+    os.write(1, ("PROBE " + json.dumps(seen) + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -395,8 +395,8 @@ def main() -> None:
     try:
         result = {flavour: run_flavour(layout, groups, flavour=flavour)
                   for flavour in FLAVOURS}
-        # Rank 0 prints every rank's result on one line: two ranks printing long lines to one
-        # pipe can interleave them.
+        # Rank 0 prints every rank's result on one line: under torchrun (unbuffered workers)
+        # print's text and newline are two writes, and two ranks' lines interleaved in CI.
         results = [None] * dist.get_world_size()
         dist.all_gather_object(results, {"rank": layout.rank, **result})
         if layout.rank == 0:
