@@ -69,12 +69,6 @@ def preload() -> None:
             pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _python_path(value: str | None) -> list[str]:
     return [os.path.abspath(p) for p in (value or "").split(os.pathsep) if p]
 
@@ -162,7 +156,9 @@ def _supervise(job: dict, conn: socket.socket) -> None:
     os.setsid()
     _die_with_parent()
     conn.sendall((json.dumps({"pgid": os.getpid()}) + "\n").encode())
-    port = _free_port()
+    from moerl.rollout.sglang_local import free_port  # preloaded
+
+    port = free_port()
     workers: dict[int, int] = {}
     for rank in range(job["nproc"]):
         pid = os.fork()

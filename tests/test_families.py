@@ -64,7 +64,8 @@ def test_round_trip_is_bit_identical_at_every_layout(bridge):
     for layout_run, per_rank in results.items():
         for res in per_rank:
             assert res["order_ok"], layout_run
-            assert (res["missing"], res["extra"], res["mismatched"]) == ([], [], []), (layout_run, res)
+            assert (res["missing"], res["extra"], res["mismatched"]) == ([], [], []), (
+                layout_run, res)
 
 
 @pytest.mark.parametrize("name", NAMES)

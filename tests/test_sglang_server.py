@@ -17,6 +17,7 @@ import torch
 
 from moerl.rollout import protocol as P
 from moerl.rollout.client import RolloutClient, RolloutError
+from moerl.rollout.sglang_local import _port_clash
 from sglang_util import running_sglang
 
 pytestmark = pytest.mark.sglang
@@ -58,7 +59,7 @@ def sglang(moe_dir):
 
 def test_a_port_taken_during_start_up_is_replaced_by_a_free_one(sglang):
     assert sglang.port != sglang.taken_port
-    assert sglang_local_clash(sglang.log_path)
+    assert _port_clash(sglang.log_path, 0)
     with urllib.request.urlopen(sglang.url + "/health", timeout=30) as resp:
         assert resp.status == 200
 
@@ -90,12 +91,6 @@ def test_an_idle_cpu_server_leaves_the_cores_to_the_trainer(sglang):
     time.sleep(4.0)
     used = (_group_cpu_seconds(sglang.process.pid) - before) / (time.monotonic() - start)
     assert used < 0.3, f"the idle server used {used:.2f} CPU-seconds per second"
-
-
-def sglang_local_clash(log_path) -> bool:
-    from moerl.rollout.sglang_local import _port_clash
-
-    return _port_clash(log_path, 0)
 
 
 @pytest.fixture(scope="module")

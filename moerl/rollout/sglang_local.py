@@ -124,9 +124,8 @@ def launch_sglang(model: str | Path, *, port: int = 0, dtype: str = "float32",
 
     ``port=0`` picks a free port, and picks another (3 tries in all) if SGLang cannot bind a
     port during start-up because it was taken in the meantime (SGLang logs that and hangs; this
-    stops it). ``env`` adds variables for the launch
-    script (``TP``, ``SAMPLING_MASK_MAX_TOKENS``, ``DETERMINISTIC``, ...). The API key travels
-    in the environment.
+    stops it). ``env`` adds variables for the launch script (``TP``, ``SAMPLING_MASK_MAX_TOKENS``,
+    ``DETERMINISTIC``, ...). The API key travels in the environment.
     """
     python = sglang_python()
     log_path = Path(log_path) if log_path else Path(
@@ -197,11 +196,12 @@ class PortClash(RuntimeError):
 def _wait_healthy(server: SGLangServer, timeout_s: float, log_start: int = 0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        clash = _port_clash(server.log_path, log_start)
         if not server.alive():
-            error = PortClash if _port_clash(server.log_path, log_start) else RuntimeError
+            error = PortClash if clash else RuntimeError
             raise error(f"SGLang exited with code {server.process.returncode} during "
                         f"start-up (log {server.log_path}):\n{server.log_tail()}")
-        if _port_clash(server.log_path, log_start):
+        if clash:
             # SGLang 0.5.23 logs uvicorn's bind error and then hangs instead of exiting.
             raise PortClash(f"SGLang could not bind a port during start-up (log "
                             f"{server.log_path}):\n{server.log_tail()}")
