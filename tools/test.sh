@@ -2,11 +2,12 @@
 # The test command. After the same idempotent set-up as the main job (.venv, the primary stack:
 # Python 3.12, megatron-core 0.19) it runs:
 #   1. the whole suite in .venv except the tests marked `sglang`;
-#   2. the `sglang` tests (a real SGLang 0.5.23 server from .venv-sglang) in .venv;
+#   2. the `sglang` tests (real SGLang 0.5.23 servers from .venv-sglang) in .venv;
 #   3. the tests marked `compat` in .venv-mcore016 (Python 3.10/3.11, megatron-core 0.16.1): HF
 #      parity at TP=2/EP=2, routing-replay exactness, an end-to-end RL run, the CPU patches and
-#      Megatron-internal guards. It runs beside step 2 (whose time goes mostly to single-process
-#      SGLang start-ups); its output follows step 2's.
+#      Megatron-internal guards. It runs beside step 2 (whose time goes mostly to SGLang
+#      start-ups); its output follows step 2's.
+# Steps 1 and 2 run in $MOERL_TEST_WORKERS pytest-xdist workers (default 2; 1: one process).
 # The set-ups of steps 2 and 3 (launch/setup_sglang.sh, launch/setup.sh --compat: downloads and
 # unpacking, minutes on a fresh machine, a second once stamped) run in the background (SGLang's
 # from the start, beside .venv's; the compatibility one once .venv says it is wanted); their logs
@@ -120,8 +121,9 @@ parallel=()
 [ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist loadfile)
 run_pytest .venv -m "not sglang" ${parallel[@]+"${parallel[@]}"} "$@" || failed=1
 
-# The compatibility step runs beside the SGLang step (whose time goes mostly to single-process
-# SGLang start-ups); its output is printed after the SGLang step's.
+# The compatibility step runs beside the SGLang step (whose time goes mostly to SGLang start-ups,
+# each a single busy process, so the SGLang step too runs in $MOERL_TEST_WORKERS workers, one
+# test file each at a time); its output is printed after the SGLang step's.
 compat_run_pid=
 if [ "$compat" = 1 ]; then
   if await_setup compat "$compat_pid"; then
@@ -136,7 +138,8 @@ fi
 
 if [ "$sglang" = 1 ]; then
   if await_setup sglang "$sglang_pid"; then
-    MOERL_REQUIRE_SGLANG=1 run_pytest .venv -m sglang "$@" || failed=1
+    MOERL_REQUIRE_SGLANG=1 run_pytest .venv -m sglang ${parallel[@]+"${parallel[@]}"} "$@" \
+      || failed=1
   else
     failed=1
   fi
