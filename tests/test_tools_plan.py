@@ -85,3 +85,32 @@ def test_route_payload_at_256_experts_and_the_smallest_host_type():
     assert payload["route_id_bytes_smallest"] == 1
     assert payload["routes_host_smallest_MiB"] == pytest.approx(payload["routes_host_MiB"] / 4)
     assert [plan.smallest_id_bytes(e) for e in (8, 256, 257, 65536, 65537)] == [1, 1, 2, 2, 4]
+
+
+def test_run_cost_counts_the_forwards_and_the_decode_time(arch):
+    """One step by hand: Qwen3-30B-A3B, 8 samples of 100 + 300 tokens, pi_old + reference +
+    2 epochs of forward/backward with recompute = 1 + 1 + 2 * 4 = 10 forwards."""
+    common = dict(samples=8, prompt_len=100, mean_response_len=300, steps=50, epochs=2,
+                  world=16, rollout_gpus=8, gpu_tflops=1000.0, train_mfu=0.5,
+                  rollout_tokens_per_gpu_s=100.0)
+    cost = plan.run_cost(arch, recompute=True, reference=True, **common)
+    per_token = 2 * plan.active_parameters(arch) + 2 * 48 * 32 * (128 + 128) * 200
+    flops = 10 * 8 * 400 * per_token
+    assert cost["train_PFLOP_per_step"] == pytest.approx(flops / 1e15)
+    assert cost["train_s_per_step"] == pytest.approx(flops / (16 * 1000e12 * 0.5))
+    assert cost["rollout_s_per_step"] == pytest.approx(8 * 300 / (8 * 100.0))
+    step = cost["train_s_per_step"] + cost["rollout_s_per_step"]
+    assert cost["gpu_hours"] == pytest.approx(50 * step * (16 + 8) / 3600)
+    lean = plan.run_cost(arch, recompute=False, reference=False, **common)
+    assert lean["train_PFLOP_per_step"] == pytest.approx(flops / 10 * 7 / 1e15)
+
+
+def test_cli_prints_the_time_and_gpu_hours_of_the_r3_preset():
+    proc = subprocess.run(
+        [sys.executable, "tools/plan.py", "configs/r3/grpo_r3.yaml", "--hf-config",
+         str(QWEN3_30B), "--world", "16", "--mean-response-len", "8000", "--json"], cwd=REPO,
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    time = json.loads(proc.stdout)["time"]
+    assert time["steps"] == 300 and time["gpu_hours"] > 0
+    assert time["rollout_s_per_step"] == pytest.approx(256 * 8 * 8000 / (16 * 2000.0))

@@ -28,6 +28,22 @@ tokens): routes are int32 [P+R-1, num_hidden_layers, top_k] per sample, base64 i
 wire (4/3 of the raw bytes) and int32 in host memory (``routes_host_smallest_MiB``: what the
 smallest integer type holding the expert ids would take, 1 byte up to 256 experts); sampling masks are one list of kept token
 ids per generated token (JSON digits on the wire, int32 CSR plus int64 offsets in host memory).
+
+Time and GPU-hours of the run (``training.steps`` RL steps, synchronous: rollout, then training;
+both GPU pools are held for the whole run), from an explicit cost model whose assumptions are
+flags to replace with your own measurements:
+  training        model FLOPs per token of one forward = 2 * active parameters + causal
+                  attention (2 * layers * heads * (qk + v head dims) * mean context, the mean
+                  context being half the sequence); per RL step the trainer runs one forward for
+                  pi_old, one for the reference when ``algorithm.kl_coef`` > 0, and per epoch a
+                  forward and backward (3 forwards) plus one more with ``model.recompute``; over
+                  samples * (prompt + mean response) tokens; at ``--train-mfu`` of ``--gpu-tflops``
+                  (H100 SXM bf16 dense: 989) on ``--world`` GPUs.
+  rollout         samples * mean response tokens at ``--rollout-tokens-per-gpu-s`` decode
+                  throughput per inference GPU on ``--rollout-gpus`` GPUs (prefill and the
+                  weight push are not counted).
+The mean response defaults to ``rollout.max_new_tokens`` (an upper bound: pass
+``--mean-response-len``).
 """
 
 from __future__ import annotations
@@ -162,6 +178,34 @@ def rollout_payload(arch: MoEArchitecture, *, samples: int, prompt_len: int, res
     }
 
 
+def forward_flops_per_token(arch: MoEArchitecture, *, context: float) -> float:
+    """Model FLOPs of one forward for one token that attends to ``context`` earlier tokens."""
+    if arch.mla is None:
+        qk = v = arch.head_dim
+    else:
+        qk, v = arch.mla.qk_nope_head_dim + arch.mla.qk_rope_head_dim, arch.mla.v_head_dim
+    attention = 2 * arch.num_layers * arch.num_heads * (qk + v) * context
+    return 2 * active_parameters(arch) + attention
+
+
+def run_cost(arch: MoEArchitecture, *, samples: int, prompt_len: int, mean_response_len: float,
+             steps: int, epochs: int, recompute: bool, reference: bool, world: int,
+             rollout_gpus: int, gpu_tflops: float, train_mfu: float,
+             rollout_tokens_per_gpu_s: float) -> dict[str, float]:
+    """Seconds per RL step and GPU-hours of ``steps`` steps (the module docstring's model)."""
+    seq = prompt_len + mean_response_len
+    train_tokens = samples * seq
+    forwards = 1 + int(reference) + epochs * (3 + int(recompute))
+    train_flops = forwards * train_tokens * forward_flops_per_token(arch, context=seq / 2)
+    train_s = train_flops / (world * gpu_tflops * 1e12 * train_mfu)
+    rollout_s = samples * mean_response_len / (rollout_gpus * rollout_tokens_per_gpu_s)
+    step_s = train_s + rollout_s
+    return {"train_PFLOP_per_step": train_flops / 1e15, "train_s_per_step": train_s,
+            "rollout_s_per_step": rollout_s, "step_s": step_s, "steps": steps,
+            "run_hours": steps * step_s / 3600,
+            "gpu_hours": steps * step_s * (world + rollout_gpus) / 3600}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_cli_arguments(parser)
@@ -173,6 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kept-ids", type=float, default=20.0,
                         help="mean kept token ids per generated token (sampling mask width)")
     parser.add_argument("--gpu-GiB", type=float, default=80.0, help="memory of one GPU")
+    parser.add_argument("--mean-response-len", type=float,
+                        help="mean generated tokens per sample (default rollout.max_new_tokens, "
+                             "an upper bound)")
+    parser.add_argument("--rollout-gpus", type=int,
+                        help="inference GPUs serving the rollouts (default: --world)")
+    parser.add_argument("--gpu-tflops", type=float, default=989.0,
+                        help="peak dense bf16 TFLOP/s of one GPU (H100 SXM: 989)")
+    parser.add_argument("--train-mfu", type=float, default=0.25,
+                        help="assumed model-FLOPs utilisation of training")
+    parser.add_argument("--rollout-tokens-per-gpu-s", type=float, default=2000.0,
+                        help="assumed decode throughput per inference GPU, tokens/s (measure "
+                             "yours on the inference engine at the run's batch size)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
@@ -206,7 +262,15 @@ def main(argv: list[str] | None = None) -> int:
                          "distributed_optimizer": p.distributed_optimizer,
                          "micro_batch": cfg.training.micro_batch_size, "seq_len": seq_len},
               "memory_per_gpu": memory, "fits": memory["total_GiB"] <= args.gpu_GiB,
-              "rollout_payload_per_step": payload}
+              "rollout_payload_per_step": payload,
+              "time": run_cost(
+                  arch, samples=payload["samples"], prompt_len=args.prompt_len,
+                  mean_response_len=args.mean_response_len or cfg.rollout.max_new_tokens,
+                  steps=cfg.training.steps, epochs=cfg.training.epochs,
+                  recompute=cfg.model.recompute, reference=cfg.algorithm.kl_coef > 0,
+                  world=world, rollout_gpus=args.rollout_gpus or world,
+                  gpu_tflops=args.gpu_tflops, train_mfu=args.train_mfu,
+                  rollout_tokens_per_gpu_s=args.rollout_tokens_per_gpu_s)}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -228,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("routes_wire_MiB", "routes_host_MiB", "routes_information_MiB", "mask_wire_MiB",
                 "mask_host_MiB"):
         print(f"  {key[:-4]:<22} {payload[key]:10.1f} MiB")
+    t = report["time"]
+    print(f"time (assumed: {args.train_mfu:g} MFU of {args.gpu_tflops:g} TFLOP/s, "
+          f"{args.rollout_tokens_per_gpu_s:g} rollout tokens/s per GPU): "
+          f"{t['train_s_per_step']:.0f} s training + {t['rollout_s_per_step']:.0f} s rollout "
+          f"per step; {t['steps']} steps: {t['run_hours']:.1f} h on {world} + "
+          f"{args.rollout_gpus or world} GPUs = {t['gpu_hours']:.0f} GPU-hours")
     return 0
 
 
