@@ -2,6 +2,24 @@ import pytest
 import torch
 from e2e_util import cached_warm_start
 
+# The longest test files (wall time measured with pytest --durations on the 2-core machine, both
+# steps of tools/test.sh), longest first. pytest-xdist (tools/test.sh: --dist loadfile) hands out
+# files in collection order as workers free up; a long file collected last kept one worker busy
+# while the other idled at the end of a step.
+LONG_FILES = (
+    "test_train_reliability.py", "test_train_e2e.py", "test_rollout_fleet.py",
+    "test_byo_e2e.py", "test_batch_transport.py", "test_learning.py", "test_families.py",
+    "test_rollout_router.py", "test_routing_replay.py",
+    "test_sglang_rl.py", "test_sglang_server.py", "test_sglang_loop.py", "test_sglang_fleet.py",
+    "test_sglang_families.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Collect the long files first (their own order inside each file is kept)."""
+    first = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
+
 
 @pytest.fixture(scope="session")
 def warm_model(tmp_path_factory):
