@@ -1,13 +1,22 @@
-"""A real SGLang 0.5.23 CPU server on the new families, held to moerl's trainer (marked ``sglang``).
+"""A real SGLang 0.5.23 CPU server on the new families, held to moerl's trainer.
 
-OLMoE is the one new family SGLang serves on CPU: one server on a tiny OLMoE (full-projection
-QK-norm, softmax top-4 of 8 without renormalisation) generates; the trainer (``tools/parity.py``
-at TP=2/EP=2 with sequence parallelism, whose QK-norm all-reduces across TP) scores the same
-sequences: SGLang's routes equal the trainer's natural routes for every (token, MoE layer) and its
-full-vocabulary log-probs equal the trainer's. SGLang's OLMoE hard-codes ``k_norm`` to
-``hidden_size`` values (no GQA) and ``eps=1e-5``, so the model has as many KV heads as heads and
-that eps, as OLMoE-1B-7B ships. Why the other families are not served on CPU: README, "Model
-families".
+For each family SGLang serves on CPU (the test marked ``sglang``), one server on a tiny fp32
+checkpoint of it generates; the trainer (``tools/parity.py`` at TP=2/EP=2 with sequence
+parallelism) scores the same sequences: SGLang's routes equal the trainer's natural routes for
+every (token, MoE layer) and its full-vocabulary log-probs equal the trainer's within 1e-4. The
+checkpoints keep what makes each family different (``tests/family_models.py``):
+
+- OLMoE: full-projection QK-norm (all-reduced across TP in the trainer), softmax top-4 of 8
+  without renormalisation. SGLang's OLMoE hard-codes ``k_norm`` to ``hidden_size`` values (no GQA)
+  and ``eps=1e-5``, so the model has as many KV heads as heads and that eps, as OLMoE-1B-7B ships.
+- GLM-4.5: sigmoid router with a non-zero expert bias, 4 groups top-2, routed scaling factor,
+  shared expert, q/k/v bias, partial rotary, QK-norm, a dense first layer.
+- Qwen2-MoE: softmax top-2 without renormalisation, a shared expert with its own sigmoid gate,
+  q/k/v bias; every layer MoE (SGLang builds every Qwen2-MoE layer as MoE; moerl refuses dense
+  layers against it). Served only with moerl's CPU shim of SGLang's shared-expert gate
+  (``launch/sglang_cpu/shims.py``).
+
+Why DeepSeek-V3 is not served here: README, "Model families".
 """
 
 from __future__ import annotations
@@ -25,9 +34,8 @@ from e2e_util import run
 from sglang_util import running_sglang
 
 sys.path.insert(0, str(Path(__file__).parent))
-from family_models import make_olmoe  # noqa: E402
+from family_models import make_glm4_moe, make_olmoe, make_qwen2_moe  # noqa: E402
 
-pytestmark = pytest.mark.sglang
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[1, 5, 9, 13, 7, 3], [1, 30, 31, 32, 4, 8]]  # equal lengths: one [B, S] batch
 NEW_TOKENS = 10  # prompt + response = 16, a multiple of TP
@@ -44,9 +52,19 @@ def trainer_scores(ckpt: Path, ids: list[list[int]], tmp_path: Path) -> dict:
     return torch.load(tmp_path / "trainer.pt", weights_only=True)
 
 
-@pytest.mark.timeout(1500)  # one SGLang start-up: ~1 min idle, several on a loaded 2-core CPU
-def test_sglang_olmoe_routes_and_logprobs_equal_the_trainers(tmp_path):
-    ckpt = make_olmoe(tmp_path / "olmoe", kv_heads=4, rms_norm_eps=1e-5)
+# The cheapest tiny checkpoint of each family that SGLang serves (see the module docstring).
+SERVED_FAMILIES = {
+    "olmoe": lambda out: make_olmoe(out, kv_heads=4, rms_norm_eps=1e-5),
+    "glm4_moe": make_glm4_moe,
+    "qwen2_moe": lambda out: make_qwen2_moe(out, mlp_only_layers=()),
+}
+
+
+@pytest.mark.sglang
+@pytest.mark.timeout(1500)  # one SGLang start-up: ~2 min idle, several on a loaded 2-core CPU
+@pytest.mark.parametrize("family", sorted(SERVED_FAMILIES))
+def test_sglang_routes_and_logprobs_equal_the_trainers(family, tmp_path):
+    ckpt = SERVED_FAMILIES[family](tmp_path / family)
     layout = MoeLayout.from_hf_config(ckpt)
     with running_sglang(ckpt) as server:
         client = RolloutClient(server.url, layout=layout, concurrency=4)
@@ -58,9 +76,9 @@ def test_sglang_olmoe_routes_and_logprobs_equal_the_trainers(tmp_path):
         P, R = len(s.prompt_ids), len(s.response_ids)
         assert R == NEW_TOKENS
         diff = (s.full_logprobs_R - trainer["logp_BS"][b, P - 1:P - 1 + R]).abs().max().item()
-        assert diff <= LOGP_TOL, f"sample {b}: max |dlogp| {diff:.3g}"
+        assert diff <= LOGP_TOL, f"{family} sample {b}: max |dlogp| {diff:.3g}"
         T = P + R - 1  # SGLang's rows: the last token never went through the model
         for i, layer in enumerate(layout.moe_layers):
             sglang_TK = s.routes_TLK[:, layer].long().sort(-1).values
             trainer_TK = trainer["routes_BSLK"][b, :T, i].long().sort(-1).values
-            assert torch.equal(sglang_TK, trainer_TK), f"sample {b}, layer {layer}"
+            assert torch.equal(sglang_TK, trainer_TK), f"{family} sample {b}, layer {layer}"

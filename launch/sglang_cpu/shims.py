@@ -14,6 +14,7 @@ mis-patched server.
 
 import dataclasses
 import importlib.metadata
+import os
 import pathlib
 import re
 import shutil
@@ -92,6 +93,29 @@ PATCHES = (
             "import. Guarded only where torchvision's ops are absent"
         ),
     ),
+    SourcePatch(
+        distribution="sglang",
+        version=SGLANG_VERSION,
+        relpath="sglang/srt/models/qwen2_moe.py",
+        original=(
+            "            and not use_intel_amx_backend(self.shared_expert_gate)\n"
+            "            and not is_npu()\n"
+            "        )\n"
+        ),
+        patched=(
+            "            and not use_intel_amx_backend(self.shared_expert_gate)\n"
+            "            and not is_npu()\n"
+            "            and not _is_cpu  # moerl CPU shim\n"
+            "        )\n"
+        ),
+        reason=(
+            "Qwen2-MoE's shared-expert gate takes the Triton kernel fused_gate_sigmoid_mul_add on "
+            "a CPU without AMX, and the first forward (the warm-up) fails with 'RuntimeError: 0 "
+            "active drivers ([]). There should only be one.' (SGLang 0.5.23); the patch keeps the "
+            "CPU on the module's own unfused path, sigmoid(shared_expert_gate(x)) * "
+            "shared_expert(x) added to the routed experts' output, as transformers computes it"
+        ),
+    ),
 )
 TORCHVISION_OPS = ("nms", "qnms")
 
@@ -142,7 +166,12 @@ def apply_patch(patch):
         return
     for old, new in _expand(patch):
         text = text.replace(old, new)
-    path.write_text(text)
+    # A new file in place of the old one, never a write into it: venvs copied with hard links
+    # (cp -al) share the old file, and patching one must not patch the others behind their backs.
+    tmp = path.with_name(path.name + ".moerl-tmp")
+    tmp.write_text(text)
+    shutil.copymode(path, tmp)
+    os.replace(tmp, path)
     for cache in path.parent.glob(f"__pycache__/{path.stem}.*.pyc"):
         cache.unlink()
 
