@@ -116,6 +116,28 @@ PATCHES = (
             "shared_expert(x) added to the routed experts' output, as transformers computes it"
         ),
     ),
+    SourcePatch(
+        distribution="sglang",
+        version=SGLANG_VERSION,
+        relpath="sglang/srt/models/deepseek_common/attention_backend_handler.py",
+        original='AttentionBackendRegistry.register("intel_xpu", handle_attention_intel_xpu)\n',
+        patched=(
+            'AttentionBackendRegistry.register("intel_xpu", handle_attention_intel_xpu)\n'
+            'AttentionBackendRegistry.register("torch_native", _dispatch_mla_subtype)'
+            "  # moerl CPU shim\n"
+        ),
+        reason=(
+            "MLA (DeepSeek-V3) under --attention-backend torch_native: no handler is registered "
+            "for it, so SGLang falls back to triton's, which runs a fresh prefill on the "
+            "non-absorbed (MHA) path; that path passes the decompressed k/v with "
+            "save_kv_cache=False, but the torch_native backend's forward_extend ignores the k/v "
+            "it is given and attends over the KV cache, which holds MLA's compressed latent: "
+            "every prefill token attends to the wrong keys and values, silently where the shapes "
+            "fit (log-probs off by up to 0.31, routes 0.74, on a tiny model with "
+            "qk_nope_head_dim == kv_lora_rank). The patch sends torch_native to the absorbed MLA "
+            "path, which reads the latent cache as it is meant to, for prefill as for decode"
+        ),
+    ),
 )
 TORCHVISION_OPS = ("nms", "qnms")
 

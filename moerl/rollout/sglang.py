@@ -6,6 +6,11 @@ Both facts were measured against a running server (``tests/test_sglang_server.py
   (``models/qwen3_moe.py``: "all layers are sparse"), so a checkpoint with dense layers is served
   with uninitialised routers and experts there: garbage routes, log-probs off by ~0.04 in fp32,
   NaN in bf16. :func:`check_model_servable` refuses that pairing at start-up.
+- SGLang 0.5.23's ``models/deepseek_v2.py`` reads ``moe_layer_freq``, ``topk_method`` and
+  ``scoring_func`` from a DeepSeek-V3 config with no default. Released checkpoints carry them;
+  transformers >= 5's ``save_pretrained`` drops them, and SGLang then fails at start-up
+  (``AttributeError``), or with other values builds another router than the trainer's.
+  :func:`check_config_servable` refuses such a ``config.json`` before a local start-up.
 - ``sampling_seed`` is ignored unless the server runs with ``--enable-deterministic-inference``
   (``sampling/sampling_batch_info.py``), which needs a GPU attention backend.
   :func:`seeds_honoured` reads that from ``/server_info``; without it, moerl's exactly-once
@@ -43,6 +48,30 @@ def check_model_servable(model_info: Mapping, layout: MoeLayout) -> None:
             f"uninitialised routers and experts (wrong log-probs and routes). Use a checkpoint "
             f"without dense layers (released Qwen3-MoE models have none; for the tiny model: "
             f"python -m moerl.warmstart --variant tiny_moe), or rollout.server=builtin.")
+
+
+# The values released DeepSeek-V3 checkpoints carry for the config fields SGLang 0.5.23 reads
+# without a default; they are what moerl's trainer computes (sigmoid scores with the expert bias,
+# every layer from first_k_dense_replace on MoE).
+DEEPSEEK_V3_SGLANG_FIELDS = {"moe_layer_freq": 1, "topk_method": "noaux_tc",
+                             "scoring_func": "sigmoid"}
+
+
+def check_config_servable(config: Mapping, layout: MoeLayout) -> None:
+    """:func:`check_model_servable` on a checkpoint's ``config.json``, plus what only the config
+    shows (SGLang's ``/model_info`` does not carry these fields)."""
+    check_model_servable(config, layout)
+    if config.get("model_type") != "deepseek_v3":
+        return
+    wrong = {k: config.get(k, "<missing>") for k, want in DEEPSEEK_V3_SGLANG_FIELDS.items()
+             if config.get(k) != want}
+    if wrong:
+        raise UnservableModelError(
+            f"SGLang 0.5.23 reads {sorted(DEEPSEEK_V3_SGLANG_FIELDS)} from a deepseek_v3 "
+            f"config.json and serves the trainer's router only with the values released "
+            f"DeepSeek-V3 checkpoints carry, {DEEPSEEK_V3_SGLANG_FIELDS}; this config has "
+            f"{wrong} (transformers >= 5's save_pretrained drops these fields). Set them in the "
+            f"checkpoint's config.json, or use rollout.server=builtin.")
 
 
 def seeds_honoured(server_info: Mapping) -> bool:
