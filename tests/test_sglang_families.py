@@ -105,6 +105,20 @@ def test_a_deepseek_v3_config_without_sglangs_fields_is_refused(tmp_path):
     check_config_servable({**config, **DEEPSEEK_V3_SGLANG_FIELDS}, layout)
 
 
+@pytest.mark.parametrize("override, message", [
+    ({"rms_norm_eps": 1e-6}, "rms_norm_eps=1e-06"),
+    ({"norm_topk_prob": True}, "norm_topk_prob=true"),
+    ({"num_key_value_heads": 2}, "2 key/value heads for 4 heads")])
+def test_an_olmoe_config_sglang_serves_wrongly_is_refused(override, message):
+    config = {"model_type": "olmoe", "num_hidden_layers": 2, "num_experts": 8, "vocab_size": 53,
+              "num_experts_per_tok": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+              "rms_norm_eps": 1e-5, "norm_topk_prob": False}
+    layout = MoeLayout.from_hf_config(config)
+    check_config_servable(config, layout)  # OLMoE-1B-7B's settings
+    with pytest.raises(UnservableModelError, match=message):
+        check_config_servable({**config, **override}, layout)
+
+
 @pytest.mark.sglang
 @pytest.mark.timeout(1500)  # one SGLang start-up: ~2 min idle, several on a loaded 2-core CPU
 @pytest.mark.parametrize("family", sorted(SERVED_FAMILIES))
