@@ -51,8 +51,8 @@ from moerl.rollout.protocol import MoeLayout, WireFormatError
 from moerl.rollout.router import (RouterError, add_router_worker, check_router_workers,
                                   remove_router_worker, router_drops_message)
 from moerl.rollout.launcher import ServerHandle, launch_server
-from moerl.rollout.sglang import (SEEDS_IGNORED_WARNING, check_model_servable, is_sglang,
-                                  seeds_honoured)
+from moerl.rollout.sglang import (SEEDS_IGNORED_WARNING, check_config_servable,
+                                  check_model_servable, is_sglang, seeds_honoured)
 from moerl.rollout.sglang_local import SGLangServer, launch_sglang
 from moerl.rollout.weight_sync import DistributedWeightSync, WeightSyncError
 from moerl.hf_io import write_hf_checkpoint
@@ -132,8 +132,8 @@ class RolloutManager:
         first weight push)."""
         self.version = version
         if self.local_sglang:  # refused before a start-up is spent on it
-            check_model_servable(json.loads((Path(weights_dir) / "config.json").read_text()),
-                                 self.layout)
+            check_config_servable(json.loads((Path(weights_dir) / "config.json").read_text()),
+                                  self.layout)
         try:
             if self.managed:
                 for i in range(self.num_servers):

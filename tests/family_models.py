@@ -46,14 +46,16 @@ def make_glm4_moe(out: Path, *, seed: int = 0, vocab_size: int = 61) -> Path:
     return _spread_and_save(Glm4MoeForCausalLM(config).float(), out)
 
 
-def make_qwen2_moe(out: Path, *, seed: int = 0, vocab_size: int = 67) -> Path:
+def make_qwen2_moe(out: Path, *, seed: int = 0, vocab_size: int = 67,
+                   mlp_only_layers: tuple[int, ...] = (1,)) -> Path:
+    """``mlp_only_layers=()`` makes every layer MoE, the only Qwen2-MoE SGLang 0.5.23 serves."""
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     config = Qwen2MoeConfig(
         vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=96, moe_intermediate_size=32,
         shared_expert_intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
-        mlp_only_layers=[1], decoder_sparse_step=1, max_position_embeddings=128,
+        mlp_only_layers=list(mlp_only_layers), decoder_sparse_step=1, max_position_embeddings=128,
         tie_word_embeddings=False, rms_norm_eps=1e-6, qkv_bias=True,
         bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)

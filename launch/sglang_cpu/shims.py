@@ -14,6 +14,7 @@ mis-patched server.
 
 import dataclasses
 import importlib.metadata
+import os
 import pathlib
 import re
 import shutil
@@ -92,6 +93,51 @@ PATCHES = (
             "import. Guarded only where torchvision's ops are absent"
         ),
     ),
+    SourcePatch(
+        distribution="sglang",
+        version=SGLANG_VERSION,
+        relpath="sglang/srt/models/qwen2_moe.py",
+        original=(
+            "            and not use_intel_amx_backend(self.shared_expert_gate)\n"
+            "            and not is_npu()\n"
+            "        )\n"
+        ),
+        patched=(
+            "            and not use_intel_amx_backend(self.shared_expert_gate)\n"
+            "            and not is_npu()\n"
+            "            and not _is_cpu  # moerl CPU shim\n"
+            "        )\n"
+        ),
+        reason=(
+            "Qwen2-MoE's shared-expert gate takes the Triton kernel fused_gate_sigmoid_mul_add on "
+            "a CPU without AMX, and the first forward (the warm-up) fails with 'RuntimeError: 0 "
+            "active drivers ([]). There should only be one.' (SGLang 0.5.23); the patch keeps the "
+            "CPU on the module's own unfused path, sigmoid(shared_expert_gate(x)) * "
+            "shared_expert(x) added to the routed experts' output, as transformers computes it"
+        ),
+    ),
+    SourcePatch(
+        distribution="sglang",
+        version=SGLANG_VERSION,
+        relpath="sglang/srt/models/deepseek_common/attention_backend_handler.py",
+        original='AttentionBackendRegistry.register("intel_xpu", handle_attention_intel_xpu)\n',
+        patched=(
+            'AttentionBackendRegistry.register("intel_xpu", handle_attention_intel_xpu)\n'
+            'AttentionBackendRegistry.register("torch_native", _dispatch_mla_subtype)'
+            "  # moerl CPU shim\n"
+        ),
+        reason=(
+            "MLA (DeepSeek-V3) under --attention-backend torch_native: no handler is registered "
+            "for it, so SGLang falls back to triton's, which runs a fresh prefill on the "
+            "non-absorbed (MHA) path; that path passes the decompressed k/v with "
+            "save_kv_cache=False, but the torch_native backend's forward_extend ignores the k/v "
+            "it is given and attends over the KV cache, which holds MLA's compressed latent: "
+            "every prefill token attends to the wrong keys and values, silently where the shapes "
+            "fit (log-probs off by up to 0.31, routes 0.74, on a tiny model with "
+            "qk_nope_head_dim == kv_lora_rank). The patch sends torch_native to the absorbed MLA "
+            "path, which reads the latent cache as it is meant to, for prefill as for decode"
+        ),
+    ),
 )
 TORCHVISION_OPS = ("nms", "qnms")
 
@@ -142,7 +188,12 @@ def apply_patch(patch):
         return
     for old, new in _expand(patch):
         text = text.replace(old, new)
-    path.write_text(text)
+    # A new file in place of the old one, never a write into it: venvs copied with hard links
+    # (cp -al) share the old file, and patching one must not patch the others behind their backs.
+    tmp = path.with_name(path.name + ".moerl-tmp")
+    tmp.write_text(text)
+    shutil.copymode(path, tmp)
+    os.replace(tmp, path)
     for cache in path.parent.glob(f"__pycache__/{path.stem}.*.pyc"):
         cache.unlink()
 
