@@ -122,8 +122,8 @@ parallel=()
 run_pytest .venv -m "not sglang" ${parallel[@]+"${parallel[@]}"} "$@" || failed=1
 
 # The compatibility step runs beside the SGLang step (whose time goes mostly to SGLang start-ups,
-# each a single busy process, so the SGLang step too runs in $MOERL_TEST_WORKERS workers, one
-# test file each at a time); its output is printed after the SGLang step's.
+# each a single busy process, so the SGLang step too runs in $MOERL_TEST_WORKERS workers); its
+# output is printed after the SGLang step's.
 compat_run_pid=
 if [ "$compat" = 1 ]; then
   if await_setup compat "$compat_pid"; then
@@ -138,8 +138,12 @@ fi
 
 if [ "$sglang" = 1 ]; then
   if await_setup sglang "$sglang_pid"; then
-    MOERL_REQUIRE_SGLANG=1 run_pytest .venv -m sglang ${parallel[@]+"${parallel[@]}"} "$@" \
-      || failed=1
+    # Test by test (each family check and RL run starts its own server), except the tests
+    # that share a module's server (marked xdist_group): they stay on one worker.
+    sglang_parallel=()
+    [ "$workers" -gt 1 ] && sglang_parallel=(-n "$workers" --dist loadgroup)
+    MOERL_REQUIRE_SGLANG=1 run_pytest .venv -m sglang ${sglang_parallel[@]+"${sglang_parallel[@]}"} \
+      "$@" || failed=1
   else
     failed=1
   fi
