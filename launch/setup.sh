@@ -7,6 +7,9 @@
 #                             with megatron-core 0.16.1. PYTHON=/path/to/python chooses.
 #   launch/setup.sh --compat  .venv-mcore016: Python 3.11 (or 3.10) with megatron-core 0.16.1, where
 #                             tools/test.sh runs the compatibility tests. COMPAT_PYTHON chooses.
+#   launch/setup.sh --print-python-version
+#                             prints the Python version .venv is (or will be) built on, e.g. 3.12,
+#                             and sets up nothing (tools/test.sh decides on the compat step early).
 #
 # torch 2.13.0 goes in first: a local CPU wheel if pip's find-links has one for this Python; else,
 # on 3.10/3.11, the CPU build from the PyTorch CPU index (a 3.10/3.11 venv never gets the CUDA
@@ -52,6 +55,10 @@ else
   PY=${PYTHON:-$(find_python 3 12 || echo python3)}
 fi
 want_minor=$(python_minor "$PY")
+if [ "${1:-}" = "--print-python-version" ]; then
+  echo "$want_minor"
+  exit 0
+fi
 case "$want_minor" in
   3.10|3.11|3.12) ;;
   *) echo "moerl setup: $PY is Python $want_minor; moerl needs 3.12 (megatron-core 0.19) or" \

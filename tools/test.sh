@@ -9,13 +9,13 @@
 #      start-ups); its output follows step 2's.
 # Steps 1 and 2 run in $MOERL_TEST_WORKERS pytest-xdist workers (default 2; 1: one process).
 # The set-ups of steps 2 and 3 (launch/setup_sglang.sh, launch/setup.sh --compat: downloads and
-# unpacking, minutes on a fresh machine, a second once stamped) run in the background (SGLang's
-# from the start, beside .venv's; the compatibility one once .venv says it is wanted); their logs
-# are printed if they fail. MOERL_SKIP_SGLANG=1 skips step 2 and its set-up;
-# MOERL_TEST_COMPAT=0 skips step 3 (it is skipped anyway when .venv is that stack already: no
-# Python 3.12 here). One warm-started model (tests/conftest.py) is cached for all steps in a
-# temporary folder ($MOERL_TEST_CACHE) that is removed at the end. The suite's torchrun launches
-# go through a fork server (tests/forkserver.py; MOERL_TEST_LAUNCHER=torchrun: real torchrun).
+# unpacking, minutes on a fresh machine, a second once stamped) run in the background from the
+# start, beside .venv's; their logs are printed if they fail. MOERL_SKIP_SGLANG=1 skips step 2
+# and its set-up; MOERL_TEST_COMPAT=0 skips step 3 (it is skipped anyway when .venv is that
+# stack already: no Python 3.12 here). One warm-started model (tests/conftest.py) is cached for
+# all steps in a temporary folder ($MOERL_TEST_CACHE) that is removed at the end. The suite's
+# torchrun launches go through a fork server (tests/forkserver.py; MOERL_TEST_LAUNCHER=torchrun:
+# real torchrun).
 #
 # Fails when any test fails or a set-up fails, and when a step ran no test. Extra arguments go to
 # pytest in every step (e.g. -x, -k routing; with -k, a step that selects nothing is not a
@@ -99,19 +99,19 @@ if [ "$sglang" = 1 ]; then  # independent of .venv: it starts at once
   background_setup sglang launch/setup_sglang.sh
   sglang_pid=${bg_pids[-1]}
 fi
-launch/setup.sh
 compat=1
 if [ "${MOERL_TEST_COMPAT:-1}" = "0" ]; then
   compat=0
   echo "tools/test.sh: MOERL_TEST_COMPAT=0: megatron-core 0.16.1 compatibility tests skipped"
-elif .venv/bin/python -c 'import sys; sys.exit(sys.version_info >= (3, 12))'; then
+elif [ "$(launch/setup.sh --print-python-version)" != "3.12" ]; then
   compat=0
   echo "tools/test.sh: .venv is Python < 3.12 with megatron-core 0.16.1 already: no compat step"
 fi
-if [ "$compat" = 1 ]; then
+if [ "$compat" = 1 ]; then  # beside .venv's set-up too, not during step 1's tests
   background_setup compat launch/setup.sh --compat
   compat_pid=${bg_pids[-1]}
 fi
+launch/setup.sh
 
 # Step 1 in $MOERL_TEST_WORKERS pytest processes (pytest-xdist, one test file per worker at a
 # time; 1: a single process): one process left the 2 cores idle 41% of the time (tests waiting on
@@ -142,8 +142,8 @@ if [ "$sglang" = 1 ]; then
     # that share a module's server (marked xdist_group): they stay on one worker.
     sglang_parallel=()
     [ "$workers" -gt 1 ] && sglang_parallel=(-n "$workers" --dist loadgroup)
-    MOERL_REQUIRE_SGLANG=1 run_pytest .venv -m sglang ${sglang_parallel[@]+"${sglang_parallel[@]}"} \
-      "$@" || failed=1
+    MOERL_REQUIRE_SGLANG=1 run_pytest .venv -m sglang \
+      ${sglang_parallel[@]+"${sglang_parallel[@]}"} "$@" || failed=1
   else
     failed=1
   fi
