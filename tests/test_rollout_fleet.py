@@ -162,6 +162,47 @@ def test_an_external_server_killed_during_a_weight_push_is_dropped_and_rejoins(
         manager.close()
 
 
+@pytest.mark.timeout(300)  # the old code waited out the group's 600 s timeout here
+def test_a_managed_server_killed_as_a_weight_push_starts_is_restarted_on_the_new_weights(
+        model_dir, tmp_path, caplog):
+    """rollout.server=builtin with one server (the default), killed while the push takes the
+    tensors (the manager copies them all before it broadcasts): no server is left in the push,
+    so the manager restarts it from the copy it wrote, at the new version, and the push
+    succeeds."""
+    from moerl.rollout.protocol import MoeLayout
+    from moerl.rollout.weights import iter_safetensors_dir
+    from moerl.rollout_manager import RolloutManager, SamplingSettings
+    from moerl.tiny_model import create_tiny_hf_model
+    from test_rollout_weights import GREEDY, PROMPTS, hf_greedy_logprobs
+
+    new_dir = create_tiny_hf_model(tmp_path / "new", seed=1)
+    new = list(iter_safetensors_dir(new_dir))
+    manager = RolloutManager(
+        builtin=True, url="", api_key="", engine_dtype="float32", concurrency=4, timeout_s=60,
+        max_retries=1, seed=7, sampling=SamplingSettings(1.0, 1.0, 8, 0.0, MAX_NEW, ()),
+        layout=MoeLayout.from_hf_config(model_dir), return_routes=False, require_routes=False,
+        return_mask=False, require_mask=False, sync_method="distributed", bucket_mb=1,
+        sync_address="127.0.0.1", sync_port=0, run_dir=tmp_path, hf_config_dir=str(model_dir))
+    manager.bucket_bytes = 64 << 10  # several buckets from the tiny model
+    manager.start(model_dir, version="start")
+    try:
+        def killing():
+            for k, item in enumerate(new):
+                if k == len(new) // 2:
+                    manager.servers[0].kill()
+                yield item
+
+        manager.push_weights(killing(), version="step-1")
+        assert manager.restarts == 1 and "failed during the weight push" in caplog.text
+        client = manager.clients[0]
+        assert run_sync(client.weight_version()) == "step-1"
+        samples = client.generate_sync(PROMPTS, sampling_params=GREEDY)
+        for s, ref in zip(samples, hf_greedy_logprobs(new_dir, samples)):
+            assert torch.allclose(s.full_logprobs_R, ref, atol=1e-5)
+    finally:
+        manager.close()
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["rollout.server=external"], "needs rollout.url"),
     (["rollout.server=external", "rollout.url=http://a:1", "rollout.urls=http://b:1"],

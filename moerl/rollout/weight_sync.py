@@ -372,10 +372,12 @@ class DistributedWeightSync:
         if self.broken:
             raise WeightSyncError("call init() first (or again, after a failed push)")
         members = list(range(len(self.links)) if members is None else members)
-        self.init(members)
         start = time.monotonic()
         dropped: dict[int, str] = {}
         live = self._on_members(members, "pause_generation", dropped, mode=pause_mode)
+        # Join after the pause: a server that is gone fails the pause and is dropped, whereas
+        # rank 0's side of a join would wait out the group's timeout for it.
+        self.init(live)
         live = self._on_members(live, "begin_weight_update", dropped)
         _check_left(self.links, dropped, live)
         num_tensors = num_bytes = num_buckets = 0
