@@ -83,7 +83,7 @@ class RolloutConfig:
     urls: str = ""
     """External rollout fleet: comma-separated base URLs of several servers (instead of
     ``url``). Groups go to the server with the least outstanding work, a group's n samples to
-    one server; weight pushes go to all of them in one weight-update group."""
+    one server; weight pushes go to all of them, each over a weight-update group of its own."""
     num_servers: int = 1
     """builtin: how many built-in servers to start on this machine (a fleet, as ``urls``)."""
     router_url: str = ""

@@ -2,9 +2,10 @@
 
 One server or a fleet: ``num_servers`` built-in servers on this machine, or the external servers
 at ``urls``. Generation spreads groups over the servers by least outstanding work
-(``moerl.rollout.fleet``); every weight push goes to all servers in one weight-update group
-(trainer rank 0 plus each server at its rank offset), and every server's weight version is
-checked after it. A server that fails mid-step loses no sample: its groups go to the others.
+(``moerl.rollout.fleet``); every weight push goes to all servers, each over a weight-update group
+of its own (trainer rank 0 plus the server's ranks), and every server's weight version is
+checked after it. A server that fails mid-step loses no sample: its groups go to the others; one
+that fails during a weight push does not fail the push: the others take the whole update.
 With ``router_url`` (external servers behind SMG, ``moerl.rollout.router``) generation goes
 through the router instead, which places the requests and steps around a dead worker itself;
 pushes, health and version checks still go to every server directly. Behind the router the same
@@ -46,7 +47,7 @@ import torch
 
 from moerl.batch import Sample
 from moerl.rollout.client import RetryPolicy, RolloutClient, RolloutError, run_sync
-from moerl.rollout.fleet import Fleet
+from moerl.rollout.fleet import Fleet, NoServerLeft
 from moerl.rollout.protocol import MoeLayout, WireFormatError
 from moerl.rollout.router import (RouterError, add_router_worker, check_router_workers,
                                   remove_router_worker, router_drops_message)
@@ -54,7 +55,7 @@ from moerl.rollout.launcher import ServerHandle, launch_server
 from moerl.rollout.sglang import (SEEDS_IGNORED_WARNING, check_config_servable,
                                   check_model_servable, is_sglang, seeds_honoured)
 from moerl.rollout.sglang_local import SGLangServer, launch_sglang
-from moerl.rollout.weight_sync import DistributedWeightSync, WeightSyncError
+from moerl.rollout.weight_sync import DistributedWeightSync
 from moerl.hf_io import write_hf_checkpoint
 from moerl.rollout.weight_sync import update_weights_from_disk
 
@@ -119,8 +120,7 @@ class RolloutManager:
         self.router_url = router_url  # SMG in front of the external servers: generation only
         self.generator: Fleet | None = None  # where generation goes: the fleet, or the router
         self._behind: set[int] = set()  # external servers down since a push: not at the weights
-        self._sync: DistributedWeightSync | None = None
-        self._sync_members: list[int] = []
+        self._sync: DistributedWeightSync | None = None  # a weight-update group per server
         self.version = ""
         self.restarts = 0
 
@@ -287,7 +287,8 @@ class RolloutManager:
     def _restart(self, index: int) -> None:
         """Relaunch managed server ``index`` on its port at the last pushed weights."""
         if self._sync is not None:
-            self._sync.broken = True  # the server side of the group died with the process
+            self._sync.forget(index)  # the server side of its group died with the process
+        self.servers[index].stop()  # a no-op unless it failed a push but still runs
         weights = self.weights_dir if (self.weights_dir / "config.json").exists() else (
             self.hf_config_dir)
         self._serving.clear()
@@ -304,6 +305,8 @@ class RolloutManager:
 
     def _on_down(self, index: int, why: str) -> None:
         """The fleet gave up on server ``index`` for this step (its groups went elsewhere)."""
+        if self._sync is not None:
+            self._sync.forget(index)  # a server that comes back is a new process: a new group
         if not self.managed:
             self._behind.add(index)  # back only through a weight push (see _members)
         if self.router_url:
@@ -342,29 +345,28 @@ class RolloutManager:
         """Send the trainer's weights (HF names) to every server and make ``version`` current.
 
         For managed servers the tensors are written to ``weights_dir`` first: that copy is what
-        a restarted server loads, so a server that dies during the push is simply restarted with
-        the new weights, and the survivors of a broken broadcast load the same copy from disk.
+        a restarted server loads, so a server that fails during the push is simply restarted
+        with the new weights. An external server that fails during the push is dropped with a
+        warning (the others take the whole update: each server has a weight-update group of its
+        own) and rejoins with a later push once it answers ``/health`` again. With no server
+        left, :class:`NoServerLeft`.
         """
         self._drop_dead_workers()
         members = self._members()
-        clients = [self.clients[i] for i in members]
         if self.sync_method == "disk":
-            update_weights_from_disk(clients, named_tensors, out_dir=self.weights_dir,
-                                     weight_version=version, config_dir=self.hf_config_dir)
+            update_weights_from_disk([self.clients[i] for i in members], named_tensors,
+                                     out_dir=self.weights_dir, weight_version=version,
+                                     config_dir=self.hf_config_dir)
         else:
             if self.managed:
                 named_tensors = [(name, t.detach().cpu().clone()) for name, t in named_tensors]
                 write_hf_checkpoint(named_tensors, self.weights_dir,
                                     config_dir=self.hf_config_dir)
-            try:
-                self._push_distributed(named_tensors, version, members)
-            except (RolloutError, WeightSyncError, OSError):
-                dead = [i for i, server in enumerate(self.servers)
-                        if server.process.poll() is not None]
-                if not dead:
-                    raise
-                self._recover_push(named_tensors, version, dead)
-        for i, client in zip(members, clients):
+            dropped = self._push_distributed(named_tensors, version, members)
+            self._handle_dropped(dropped, version)
+            members = [i for i in members if self.managed or i not in dropped]
+        for i in members:
+            client = self.clients[i]
             served = run_sync(client.weight_version())
             if served != version:
                 raise RuntimeError(f"after the weight push the server {client.base_url} reports "
@@ -377,32 +379,38 @@ class RolloutManager:
             self._behind.discard(i)
         self.version = version
 
-    def _recover_push(self, named_tensors, version: str, dead: list[int]) -> None:
-        """A managed server died during the broadcast: restart it on the new weights; the
-        others may hold part of the broadcast, so they load the same weights from disk."""
-        self.version = version
-        for i in dead:
-            self.restarts += 1
-            log.warning("rollout server %d died during the weight push; restarting it with the "
-                        "new weights %s (restart #%d)", i, version, self.restarts)
-            self._restart(i)
-        alive = [c for i, c in enumerate(self.clients) if i not in dead]
-        if alive:
-            update_weights_from_disk(alive, named_tensors, out_dir=self.weights_dir,
-                                     weight_version=version, config_dir=self.hf_config_dir)
+    def _handle_dropped(self, dropped: dict[int, str], version: str) -> None:
+        """Servers that failed during the push: a managed one is restarted on the new weights
+        (on disk since before the push); an external one is marked down, with a warning, until a
+        later push brings it back. Raises :class:`NoServerLeft` when no server is left."""
+        if self.managed and dropped:
+            self.version = version  # what a restarted server loads, under this version
+        for i, why in sorted(dropped.items()):
+            if self.managed:
+                self.restarts += 1
+                log.warning("rollout server %d failed during the weight push (%s); restarting "
+                            "it with the new weights %s (restart #%d)", i, why, version,
+                            self.restarts)
+                self._restart(i)
+            else:
+                self.fleet.mark_down(i, f"failed during the weight push: {why}")
+        self.fleet.live()
 
-    def _push_distributed(self, named_tensors, version: str, members: list[int]) -> None:
-        """One weight-update group of trainer rank 0 and every member server (SGLang's rank
-        offsets); rebuilt when it broke or the members changed."""
-        if self._sync is None or self._sync.broken or self._sync_members != members:
+    def _push_distributed(self, named_tensors, version: str,
+                          members: list[int]) -> dict[int, str]:
+        """Push over the weight-update groups (one per server, joined on first use; all built
+        afresh after a refused push); returns the servers the push dropped, with why."""
+        if self._sync is None or self._sync.broken:
             if self._sync is not None:
                 self._sync.close()
-            self._sync = DistributedWeightSync([self.clients[i] for i in members],
-                                               master_address=self.sync_address,
+            self._sync = DistributedWeightSync(self.clients, master_address=self.sync_address,
                                                master_port=self.sync_port)
-            self._sync.init()
-            self._sync_members = members
-        self._sync.push(named_tensors, weight_version=version, bucket_bytes=self.bucket_bytes)
+        try:
+            stats = self._sync.push(named_tensors, weight_version=version,
+                                    bucket_bytes=self.bucket_bytes, members=members)
+        except NoServerLeft as err:
+            return err.dropped
+        return stats["dropped"]
 
 
 def hash_seed(seed: int, step: int) -> int:

@@ -16,12 +16,14 @@ from moerl.rollout.server import launch_server
 
 N, GROUPS, MAX_NEW = 3, 12, 6
 SAMPLING = {"temperature": 1.0, "top_k": 8, "max_new_tokens": MAX_NEW}
+API_KEY = "fleet-test"
 
 
 @pytest.fixture(scope="module")
 def servers(model_dir):
     # One sequence at a time: each request's output is a pure function of weights, prompt, seed.
-    handles = [launch_server(model_dir, num_threads=1, max_batch_size=1) for _ in range(3)]
+    handles = [launch_server(model_dir, num_threads=1, max_batch_size=1, api_key=API_KEY)
+               for _ in range(3)]
     yield handles
     for handle in handles:
         handle.stop()
@@ -92,6 +94,113 @@ def test_a_server_killed_mid_step_loses_no_group(model_dir, single):
     finally:
         for handle in handles:
             handle.stop()
+
+
+def test_an_external_server_killed_during_a_weight_push_is_dropped_and_rejoins(
+        servers, model_dir, tmp_path, caplog):
+    """Runs after the tests that sample from the module's servers (it kills two of them).
+    Servers 1 and 2 as external ones; server 2 is killed once the push's first bucket has gone
+    out: server 1 still takes the whole update (it serves exactly what the pushed weights
+    compute), the push succeeds with server 2 dropped, which rejoins at the next push once
+    relaunched; with both dead, the push fails with NoServerLeft."""
+    from moerl.rollout.protocol import MoeLayout
+    from moerl.rollout.weights import iter_safetensors_dir
+    from moerl.rollout_manager import RolloutManager, SamplingSettings
+    from moerl.tiny_model import create_tiny_hf_model
+    from test_rollout_weights import GREEDY, PROMPTS, hf_greedy_logprobs
+
+    pair = servers[1:]
+    new_dir = create_tiny_hf_model(tmp_path / "new", seed=1)
+    new = list(iter_safetensors_dir(new_dir))
+    sampling = SamplingSettings(temperature=1.0, top_p=1.0, top_k=8, min_p=0.0,
+                                max_new_tokens=MAX_NEW, stop_token_ids=())
+    manager = RolloutManager(
+        builtin=False, url="", urls=tuple(h.url for h in pair), api_key=API_KEY,
+        engine_dtype="float32", concurrency=4, timeout_s=60, max_retries=1, seed=7,
+        sampling=sampling, layout=run_sync(_clients(pair)[0].get_layout()),
+        return_routes=False, require_routes=False, return_mask=False, require_mask=False,
+        sync_method="distributed", bucket_mb=1, sync_address="127.0.0.1", sync_port=0,
+        run_dir=tmp_path, hf_config_dir=str(model_dir))
+    manager.bucket_bytes = 64 << 10  # several buckets from the tiny model
+
+    def killing(tensors, after: int):
+        """The tensors, killing server 2 once ``after`` of them are taken (buckets before the
+        current one have been broadcast by then)."""
+        for k, item in enumerate(tensors):
+            if k == after:
+                pair[1].kill()
+            yield item
+
+    def serves_new(client) -> bool:
+        samples = client.generate_sync(PROMPTS, sampling_params=GREEDY)
+        return all(torch.allclose(s.full_logprobs_R, ref, atol=1e-5)
+                   for s, ref in zip(samples, hf_greedy_logprobs(new_dir, samples)))
+
+    manager.start(model_dir, version="")
+    try:
+        manager.push_weights(killing(new, after=len(new) // 2), version="step-1")
+        assert "failed during the weight push" in caplog.text
+        assert manager.fleet.up == [True, False]
+        survivor = manager.clients[0]
+        assert run_sync(survivor.weight_version()) == "step-1" and serves_new(survivor)
+        samples = manager.generate(_prompts()[:2], n=2, step=1)
+        assert {s.weight_version for s in samples} == {"step-1"}
+        assert manager.fleet.groups_served == [2, 0]
+
+        servers[2] = launch_server(model_dir, port=pair[1].port, num_threads=1,
+                                   max_batch_size=1, api_key=API_KEY)  # back, at old weights
+        manager.push_weights(new, version="step-2")  # brings it to the current weights
+        assert manager.fleet.up == [True, True]
+        assert run_sync(manager.clients[1].weight_version()) == "step-2"
+        assert serves_new(manager.clients[1])
+
+        for handle in servers[1:]:
+            handle.kill()
+        with pytest.raises(NoServerLeft, match="no rollout server is left: .*weight push"):
+            manager.push_weights(new, version="step-3")
+    finally:
+        manager.close()
+
+
+@pytest.mark.timeout(300)  # the old code waited out the group's 600 s timeout here
+def test_a_managed_server_killed_as_a_weight_push_starts_is_restarted_on_the_new_weights(
+        model_dir, tmp_path, caplog):
+    """rollout.server=builtin with one server (the default), killed while the push takes the
+    tensors (the manager copies them all before it broadcasts): no server is left in the push,
+    so the manager restarts it from the copy it wrote, at the new version, and the push
+    succeeds."""
+    from moerl.rollout.protocol import MoeLayout
+    from moerl.rollout.weights import iter_safetensors_dir
+    from moerl.rollout_manager import RolloutManager, SamplingSettings
+    from moerl.tiny_model import create_tiny_hf_model
+    from test_rollout_weights import GREEDY, PROMPTS, hf_greedy_logprobs
+
+    new_dir = create_tiny_hf_model(tmp_path / "new", seed=1)
+    new = list(iter_safetensors_dir(new_dir))
+    manager = RolloutManager(
+        builtin=True, url="", api_key="", engine_dtype="float32", concurrency=4, timeout_s=60,
+        max_retries=1, seed=7, sampling=SamplingSettings(1.0, 1.0, 8, 0.0, MAX_NEW, ()),
+        layout=MoeLayout.from_hf_config(model_dir), return_routes=False, require_routes=False,
+        return_mask=False, require_mask=False, sync_method="distributed", bucket_mb=1,
+        sync_address="127.0.0.1", sync_port=0, run_dir=tmp_path, hf_config_dir=str(model_dir))
+    manager.bucket_bytes = 64 << 10  # several buckets from the tiny model
+    manager.start(model_dir, version="start")
+    try:
+        def killing():
+            for k, item in enumerate(new):
+                if k == len(new) // 2:
+                    manager.servers[0].kill()
+                yield item
+
+        manager.push_weights(killing(), version="step-1")
+        assert manager.restarts == 1 and "failed during the weight push" in caplog.text
+        client = manager.clients[0]
+        assert run_sync(client.weight_version()) == "step-1"
+        samples = client.generate_sync(PROMPTS, sampling_params=GREEDY)
+        for s, ref in zip(samples, hf_greedy_logprobs(new_dir, samples)):
+            assert torch.allclose(s.full_logprobs_R, ref, atol=1e-5)
+    finally:
+        manager.close()
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -124,7 +124,8 @@ def test_bad_updates_are_refused_before_any_broadcast_and_the_group_recovers(cli
             (["a", "b"], ["float32"], [[1]], "equal length"),
         ]:
             status, out = post(server, "/update_weights_from_distributed", {
-                "names": names, "dtypes": dtypes, "shapes": shapes})
+                "names": names, "dtypes": dtypes, "shapes": shapes,
+                "group_name": sync.links[0].name})
             assert status == 400 and not out["success"] and needle in out["message"], out
         assert post(server, "/end_weight_update", {})[0] == 200
         assert post(server, "/end_weight_update", {})[0] == 400
@@ -147,8 +148,8 @@ def test_bad_updates_are_refused_before_any_broadcast_and_the_group_recovers(cli
         assert run_sync(client.weight_version()) == "ok-2"
     finally:
         sync.close()
-    with pytest.raises(RolloutError, match="does not exist"):
-        run_sync(client.destroy_weights_update_group())
+    with pytest.raises(RolloutError, match="does not exist"):  # close() destroyed it
+        run_sync(client.destroy_weights_update_group(group_name=sync.links[0].name))
 
 
 def test_buckets_respect_the_byte_budget_and_dtype():

@@ -32,7 +32,12 @@ log = logging.getLogger("moerl.rollout")
 
 
 class NoServerLeft(RuntimeError):
-    """Every server of the fleet is down."""
+    """Every server of the fleet is down. ``dropped``: when raised by a weight push, the
+    servers it dropped (index -> why)."""
+
+    def __init__(self, message: str, *, dropped: Mapping[int, str] | None = None):
+        super().__init__(message)
+        self.dropped = dict(dropped or {})
 
 
 class Fleet:

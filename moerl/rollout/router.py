@@ -1,7 +1,7 @@
 """A load balancer in front of the rollout servers: SMG (Shepherd Model Gateway), SGLang's router.
 
 With ``rollout.router_url`` generation goes through the router and weight pushes go to every
-server (``rollout.urls``) directly, in one weight-update group as for a fleet. Which routers
+server (``rollout.urls``) directly, over a weight-update group each, as for a fleet. Which routers
 carry what an RL step needs, measured with two built-in servers behind each
 (``tests/test_rollout_router.py``) and read in their sources:
 

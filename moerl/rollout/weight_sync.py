@@ -2,24 +2,38 @@
 
 The same code drives moerl's built-in server (gloo, CPU) and SGLang servers at scale (NCCL, GPU):
 
-1. ``init()``: one process group, *separate from the trainer's torchrun world*, of size
-   ``1 + sum(server ranks)`` with the trainer at rank 0 and each server's ranks at its
-   ``rank_offset``. Built exactly like SGLang's ``init_custom_process_group``
+1. ``init()``: one process group *per server*, separate from the trainer's torchrun world, of
+   size ``1 + the server's ranks``, with the trainer at rank 0 and the server's ranks from
+   ``rank_offset=1``. Built exactly like SGLang's ``init_custom_process_group``
    (``sglang/srt/utils/common.py``): a TCP store, wrapped in ``PrefixStore(group_name)``, handed to
    ``torch.distributed.distributed_c10d._new_process_group_helper`` as a stand-alone world, so the
-   store keys of both sides match. The trainer hosts the store; ``/init_weights_update_group``
-   is posted to every server concurrently with the trainer joining (each side blocks until all
-   ranks arrive).
+   store keys of both sides match. The trainer hosts one store for all the groups (each group's
+   own name keeps their keys apart); ``/init_weights_update_group`` is posted to a server
+   concurrently with the trainer joining its group (each side blocks until both arrive).
 2. ``push()``: ``/pause_generation`` (``retract``) -> ``/begin_weight_update`` -> for each bucket
    (at most ``bucket_bytes``, one dtype per bucket so SGLang's ``FlattenedTensorBucket`` offsets
    stay aligned) ``/update_weights_from_distributed`` with names, dtypes, shapes (and
    ``load_format="flattened_bucket"``: one uint8 broadcast per bucket), while rank 0 broadcasts
-   the tensors -> ``/end_weight_update`` -> ``/continue_generation``. Only the last bucket carries
-   ``weight_version``, so the version changes once all weights are in.
+   the tensors on every server's group -> ``/end_weight_update`` -> ``/continue_generation``.
+   Only the last bucket carries ``weight_version``, so the version changes once all weights are
+   in.
 
-Only trainer rank 0 calls this; the other trainer ranks are not members of the group. If a server
-rejects a bucket, the broadcast it never joined is abandoned and the group is marked broken
-(:class:`WeightSyncError`); ``close()`` and a new ``init()`` start over.
+Why a group per server and not one group of all servers at their rank offsets (SGLang's API
+allows both: it keeps its groups in a dict by ``group_name``): a collective involves every
+member, so in one shared group a server that dies mid-broadcast stalls or starves the others
+(gloo's broadcast is a binomial tree, so from 3 servers on some receive through another server;
+NCCL does not notice a dead peer and hangs until its watchdog, which then takes the survivor
+down), and the survivors would need a rebuilt group and the whole update again. With a group
+each, the survivors are in no collective with the dead server: they take every bucket, the push
+succeeds, and the dead server's group is simply abandoned. The price is rank 0's egress: each
+bucket leaves rank 0 once per server rather than once per tree level (gloo) or once (NCCL's
+pipelined broadcast), so a push of ``W`` bytes to ``N`` servers sends ``N * W`` from rank 0.
+
+Only trainer rank 0 calls this; the other trainer ranks are not members of the groups. If a
+server refuses a bucket (HTTP 4xx), the push fails and the handle is marked broken
+(:class:`WeightSyncError`); ``close()`` and a new ``init()`` start over. A server that *fails*
+(connection lost, 5xx, timeout, failed broadcast) is dropped from the push instead (see
+:class:`DistributedWeightSync`).
 
 The disk path (:func:`update_weights_from_disk`) writes a Hugging Face safetensors directory and
 posts ``/update_weights_from_disk``; it needs a filesystem both sides see.
@@ -29,8 +43,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
+import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -39,6 +55,9 @@ import torch.distributed as dist
 
 from moerl.hf_io import write_hf_checkpoint
 from moerl.rollout.client import RolloutClient, RolloutError, run_sync
+from moerl.rollout.fleet import NoServerLeft
+
+log = logging.getLogger("moerl.rollout")
 
 ALLOWED_DTYPES = ("float32", "float16", "bfloat16")
 FLATTENED_BUCKET = "flattened_bucket"
@@ -137,14 +156,13 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def _broadcast_bucket(group: dist.ProcessGroup, tensors: list[torch.Tensor], *, flattened: bool,
-                      device: str) -> list:
-    """Trainer side: start the broadcasts of one bucket from rank 0 (async work handles)."""
+def _bucket_tensors(tensors: list[torch.Tensor], *, flattened: bool,
+                    device: str) -> list[torch.Tensor]:
+    """Trainer side: what rank 0 broadcasts for one bucket (one uint8 tensor when flattened)."""
     tensors = [t.detach().to(device).contiguous() for t in tensors]
     if flattened:
-        flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])
-        return [dist.broadcast(flat, src=0, group=group, async_op=True)]
-    return [dist.broadcast(t, src=0, group=group, async_op=True) for t in tensors]
+        return [torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])]
+    return tensors
 
 
 def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], *, bucket_bytes: int,
@@ -169,8 +187,30 @@ def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], *, bucket_by
 # ------------------------------------------------------------------------------ the trainer side
 
 
+@dataclass
+class _Link:
+    """One server's own weight-update group: trainer rank 0 plus the server's ranks."""
+
+    client: RolloutClient
+    num_ranks: int  # the server's ranks in the group (its TP size for SGLang, 1 for built-in)
+    name: str = ""  # the group's name on both sides, fresh for every join
+    group: dist.ProcessGroup | None = None
+    works: list = field(default_factory=list)  # the last bucket's broadcasts on this group
+
+
 class DistributedWeightSync:
-    """Trainer rank 0's handle on the weight-update group of one or more rollout servers.
+    """Trainer rank 0's handle on the weight-update groups of one or more rollout servers.
+
+    Each server has a group of its own (trainer rank 0 plus the server's ranks from rank offset
+    1), named ``{group_name}-{server}-{serial}``; every bucket is broadcast once per group. A
+    server that fails during a push (connection lost, 5xx, timeout, or a failed broadcast: what
+    a dead server causes) is dropped from that push with a warning and its group abandoned; the
+    others are in no collective with it, so they take the full update and the push succeeds
+    (``stats["dropped"]`` names the dropped servers). It rejoins with a fresh group at a later
+    push; :meth:`forget` abandons the group of a server known to be gone (restarted, or down).
+    With every server dropped the push raises :class:`NoServerLeft`. A server that *refuses* a
+    bucket (HTTP 4xx: the request's fault, every server would) fails the push with
+    :class:`WeightSyncError` and marks the handle broken.
 
     ``ranks_per_server``: how many group ranks each server contributes (its TP size for SGLang,
     1 for moerl's built-in server). ``backend`` defaults to NCCL when CUDA is available (tensors
@@ -181,119 +221,228 @@ class DistributedWeightSync:
                  master_port: int = 0, backend: str | None = None,
                  group_name: str = "weight_update_group", ranks_per_server: int | Sequence[int] = 1,
                  timeout_s: float = 600.0):
-        self.clients = list(clients)
+        ranks = [ranks_per_server] * len(clients) if isinstance(ranks_per_server, int) \
+            else list(ranks_per_server)
+        if len(ranks) != len(clients) or min(ranks, default=1) < 1:
+            raise ValueError("ranks_per_server must give a positive rank count per server")
+        self.links = [_Link(client, num_ranks) for client, num_ranks in zip(clients, ranks)]
         self.master_address = master_address
         self.master_port = master_port
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.device = "cuda" if self.backend == "nccl" else "cpu"
         self.group_name = group_name
-        ranks = [ranks_per_server] * len(self.clients) if isinstance(ranks_per_server, int) \
-            else list(ranks_per_server)
-        if len(ranks) != len(self.clients) or min(ranks, default=1) < 1:
-            raise ValueError("ranks_per_server must give a positive rank count per server")
-        self.rank_offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
-        self.world_size = 1 + sum(ranks)
         self.timeout_s = timeout_s
-        self.group: dist.ProcessGroup | None = None
         self._store: dist.TCPStore | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(max(4, 2 * len(self.clients)),
+        self._serial = 0
+        self._abandoned: list[_Link] = []  # groups with broadcasts still pending
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(4, 2 * len(self.links)),
                                                            thread_name_prefix="wsync-http")
         self.broken = False
 
-    def _on_all(self, method: str, **kwargs) -> list:
-        """Call one client coroutine method on every server concurrently (threads)."""
-        futures = [self._pool.submit(run_sync, getattr(c, method)(**kwargs))
-                   for c in self.clients]
-        return [f.result() for f in futures]
+    @property
+    def clients(self) -> list[RolloutClient]:
+        return [link.client for link in self.links]
 
-    def init(self) -> None:
-        """Create the group: servers join over HTTP while rank 0 builds its side."""
-        self._store = dist.TCPStore(self.master_address, self.master_port, is_master=True,
-                                    timeout=datetime.timedelta(seconds=self.timeout_s),
-                                    wait_for_workers=False)
-        port = self._store.port
-        futures = [self._pool.submit(run_sync, c.init_weights_update_group(
-            master_address=self.master_address, master_port=port, rank_offset=offset,
-            world_size=self.world_size, group_name=self.group_name, backend=self.backend))
-            for c, offset in zip(self.clients, self.rank_offsets)]
-        self.group = init_custom_process_group(
-            backend=self.backend, master_address=self.master_address, master_port=port, rank=0,
-            world_size=self.world_size, group_name=self.group_name, timeout_s=self.timeout_s,
-            store=self._store)
-        for f in futures:
-            f.result()
+    def init(self, indices: Iterable[int] | None = None) -> None:
+        """Join every server in ``indices`` (default: all) that has no group yet."""
+        if self._store is None:
+            self._store = dist.TCPStore(self.master_address, self.master_port, is_master=True,
+                                        timeout=datetime.timedelta(seconds=self.timeout_s),
+                                        wait_for_workers=False)
+        for i in range(len(self.links)) if indices is None else indices:
+            if self.links[i].group is None:
+                self._join(self.links[i], i)
         self.broken = False
 
-    def _send_bucket(self, bucket: list[tuple[str, torch.Tensor]], *, flattened: bool,
-                     weight_version: str | None) -> None:
+    def _join(self, link: _Link, index: int) -> None:
+        """The server joins over HTTP while rank 0 builds its side (each blocks for the other)."""
+        self._serial += 1
+        link.name = f"{self.group_name}-{index}-{self._serial}"
+        world_size = 1 + link.num_ranks
+        http = self._pool.submit(run_sync, link.client.init_weights_update_group(
+            master_address=self.master_address, master_port=self._store.port, rank_offset=1,
+            world_size=world_size, group_name=link.name, backend=self.backend))
+        link.group = init_custom_process_group(
+            backend=self.backend, master_address=self.master_address,
+            master_port=self._store.port, rank=0, world_size=world_size, group_name=link.name,
+            timeout_s=self.timeout_s, store=self._store)
+        http.result()
+
+    def forget(self, index: int) -> None:
+        """Abandon server ``index``'s group (the server died, refused a bucket, or went down and
+        may come back as a new process); the next push to it joins a fresh one.
+
+        The group is destroyed at once, but while a broadcast on it is pending (a server that
+        refused a bucket, or vanished without closing its connections) the last reference to it
+        is kept until :meth:`close`: gloo's destructor waits for pending work, up to the group's
+        timeout."""
+        link = self.links[index]
+        if link.group is None:
+            return
+        dist.destroy_process_group(link.group)
+        if not all(w.is_completed() for w in link.works):
+            self._abandoned.append(_Link(link.client, link.num_ranks, link.name, link.group,
+                                         link.works))
+        link.group, link.works = None, []
+
+    def _drop(self, index: int, why: str, dropped: dict[int, str]) -> None:
+        log.warning("rollout server %s failed during the weight push (%s): dropped from it; "
+                    "the other servers take the update", self.links[index].client.base_url, why)
+        dropped[index] = why
+        self.forget(index)
+
+    def _on_members(self, members: list[int], method: str, dropped: dict[int, str],
+                    **kwargs) -> list[int]:
+        """Call one client method on every member concurrently; a server-side failure drops
+        the member, a refusal (HTTP 4xx) raises. Returns the members left."""
+        futures = {i: self._pool.submit(run_sync, getattr(self.links[i].client, method)(**kwargs))
+                   for i in members}
+        for i, future in futures.items():
+            try:
+                future.result()
+            except RolloutError as err:
+                if _refused(err):
+                    raise
+                self._drop(i, f"{method}: {_first_line(err)}", dropped)
+        return [i for i in members if i not in dropped]
+
+    def _send_bucket(self, bucket: list[tuple[str, torch.Tensor]], members: list[int],
+                     dropped: dict[int, str], *, flattened: bool,
+                     weight_version: str | None) -> list[int]:
+        """Broadcast one bucket on every member's group; returns the members that took it."""
         names = [n for n, _ in bucket]
         dtypes = [_dtype_name(t) for _, t in bucket]
         shapes = [list(t.shape) for _, t in bucket]
         load_format = FLATTENED_BUCKET if flattened else None
         validate_tensor_metadata(names, dtypes, shapes, load_format=load_format)
-        http = [self._pool.submit(run_sync, c.update_weights_from_distributed(
-            names=names, dtypes=dtypes, shapes=shapes, group_name=self.group_name,
-            weight_version=weight_version, load_format=load_format)) for c in self.clients]
-        works = _broadcast_bucket(self.group, [t for _, t in bucket], flattened=flattened,
-                                  device=self.device)
+        tensors = _bucket_tensors([t for _, t in bucket], flattened=flattened, device=self.device)
+        http = {}
+        for i in members:
+            link = self.links[i]
+            http[i] = self._pool.submit(run_sync, link.client.update_weights_from_distributed(
+                names=names, dtypes=dtypes, shapes=shapes, group_name=link.name,
+                weight_version=weight_version, load_format=load_format))
+            link.works = [dist.broadcast(t, src=0, group=link.group, async_op=True)
+                          for t in tensors]
+        pending = set(members)
         deadline = time.monotonic() + self.timeout_s
-        while not all(w.is_completed() for w in works):
-            failed = [f for f in http if f.done() and f.exception() is not None]
-            if failed or time.monotonic() > deadline:
-                self.broken = True
-                cause = failed[0].exception() if failed else TimeoutError("broadcast timed out")
-                raise WeightSyncError(f"a server did not take bucket {names[:3]}...: {cause}; "
-                                      f"the weight-update group is out of step, close() and "
-                                      f"init() again") from cause
+        while pending:
+            for i in sorted(pending):
+                why = self._bucket_state(i, http[i], names)
+                if why is not None:
+                    pending.discard(i)
+                    if why:
+                        self._drop(i, why, dropped)
+            if pending and time.monotonic() > deadline:
+                for i in sorted(pending):
+                    self._drop(i, f"bucket {names[:3]}... not taken in {self.timeout_s:g} s",
+                               dropped)
+                break
             time.sleep(0.002)
-        for w in works:
-            w.wait()
-        for f in http:
-            f.result()
+        return [i for i in members if i not in dropped]
+
+    def _bucket_state(self, index: int, http: concurrent.futures.Future,
+                      names: list[str]) -> str | None:
+        """None while server ``index`` is still taking the bucket; "" once it took it; else why
+        it failed. A refusal (HTTP 4xx) raises :class:`WeightSyncError`."""
+        link = self.links[index]
+        if http.done() and http.exception() is not None:
+            err = http.exception()
+            if _refused(err):
+                self.broken = True
+                self.forget(index)  # its broadcast waits for a receive that never comes
+                raise WeightSyncError(f"the server {link.client.base_url} did not take bucket "
+                                      f"{names[:3]}...: {err}; its weight-update group is out "
+                                      f"of step, close() and init() again") from err
+            return _first_line(err)
+        if not all(w.is_completed() for w in link.works):
+            return None
+        try:
+            for w in link.works:
+                w.wait()
+        except RuntimeError as err:  # the broadcast failed: the peer is gone
+            return f"broadcast failed: {_first_line(err)}"
+        return None if not http.done() else ""
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, weight_version: str,
-             bucket_bytes: int = 512 << 20, flattened: bool = True,
-             pause_mode: str = "retract") -> dict:
-        """Send all tensors (Hugging Face checkpoint names) and set ``weight_version``."""
-        if self.group is None or self.broken:
+             bucket_bytes: int = 512 << 20, flattened: bool = True, pause_mode: str = "retract",
+             members: Sequence[int] | None = None) -> dict:
+        """Send all tensors (Hugging Face checkpoint names) to the servers ``members`` (default:
+        all; joined first if they have no group) and set ``weight_version``."""
+        if self.broken:
             raise WeightSyncError("call init() first (or again, after a failed push)")
+        members = list(range(len(self.links)) if members is None else members)
         start = time.monotonic()
-        self._on_all("pause_generation", mode=pause_mode)
-        self._on_all("begin_weight_update")
+        dropped: dict[int, str] = {}
+        live = self._on_members(members, "pause_generation", dropped, mode=pause_mode)
+        # Join after the pause: a server that is gone fails the pause and is dropped, whereas
+        # rank 0's side of a join would wait out the group's timeout for it.
+        self.init(live)
+        live = self._on_members(live, "begin_weight_update", dropped)
+        _check_left(self.links, dropped, live)
         num_tensors = num_bytes = num_buckets = 0
         try:
             previous = None
             for bucket in iter_buckets(named_tensors, bucket_bytes=bucket_bytes,
                                        one_dtype_per_bucket=flattened):
                 if previous is not None:
-                    self._send_bucket(previous, flattened=flattened, weight_version=None)
+                    live = self._send_bucket(previous, live, dropped, flattened=flattened,
+                                             weight_version=None)
+                    _check_left(self.links, dropped, live)
                 previous = bucket
                 num_buckets += 1
                 num_tensors += len(bucket)
                 num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
             if previous is None:
                 raise ValueError("no tensors to push")
-            self._send_bucket(previous, flattened=flattened, weight_version=weight_version)
+            live = self._send_bucket(previous, live, dropped, flattened=flattened,
+                                     weight_version=weight_version)
         finally:
             # Close the servers' sessions even after a failed bucket, so a new group can push.
             try:
-                self._on_all("end_weight_update")
+                live = self._on_members(live, "end_weight_update", dropped)
             finally:
-                self._on_all("continue_generation")
+                live = self._on_members(live, "continue_generation", dropped)
+        _check_left(self.links, dropped, live)
         return {"num_tensors": num_tensors, "num_bytes": num_bytes, "num_buckets": num_buckets,
-                "seconds": time.monotonic() - start}
+                "seconds": time.monotonic() - start, "dropped": dropped}
 
     def close(self) -> None:
-        """Destroy the group on the servers (best effort) and locally."""
-        if self.group is not None:
-            for c in self.clients:
-                try:
-                    run_sync(c.destroy_weights_update_group(group_name=self.group_name))
-                except RolloutError:
-                    pass
-            dist.destroy_process_group(self.group)
-        self.group, self._store = None, None
+        """Destroy the groups on the servers (best effort) and locally. A server destroying
+        its side also ends rank 0's broadcasts still pending on an abandoned group."""
+        for i, link in enumerate(self.links):
+            if link.group is not None:
+                _destroy_on_server(link)
+                self.forget(i)
+        for link in self._abandoned:
+            _destroy_on_server(link)
+        self._abandoned = []
+        self._store = None
         self._pool.shutdown(wait=False)
+
+
+def _destroy_on_server(link: _Link) -> None:
+    try:
+        run_sync(link.client.destroy_weights_update_group(group_name=link.name))
+    except RolloutError:
+        pass  # best effort: the server may be gone
+
+
+def _refused(err: BaseException) -> bool:
+    """The server answered and refused the request (HTTP 4xx): not a server failure."""
+    status = getattr(err, "status", None)
+    return status is not None and status < 500
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:300]
+
+
+def _check_left(links: list[_Link], dropped: dict[int, str], live: list[int]) -> None:
+    if not live:
+        reasons = "; ".join(f"{links[i].client.base_url}: {why}" for i, why in dropped.items())
+        raise NoServerLeft(f"no rollout server is left: every one failed the weight push "
+                           f"({reasons})", dropped=dict(dropped))
 
 
 # ------------------------------------------------------------------------------ the disk path
