@@ -221,3 +221,21 @@ def test_push_from_rank_0_of_a_separate_trainer_world(server, dirs, tmp_path):
     update.init()
     update.push(iter_safetensors_dir(dirs[0]), weight_version="default")
     update.close()
+
+
+@pytest.mark.parametrize("info, ranks", [
+    ({"tp_size": 4, "dp_size": 1, "pp_size": 1}, 4),  # SGLang at TP=4: ranks offset + 0..3
+    ({"tp_size": 8, "dp_size": 2, "enable_dp_attention": True}, 8),  # DP attention: one TP group
+    ({"tp_size": 1}, 1), ({}, 1)])
+def test_a_servers_group_ranks_come_from_its_server_info(info, ranks):
+    from moerl.rollout.weight_sync import group_ranks
+
+    assert group_ranks(info) == ranks
+
+
+@pytest.mark.parametrize("info", [{"tp_size": 2, "dp_size": 2}, {"tp_size": 2, "pp_size": 2}])
+def test_replicas_or_stages_behind_one_server_are_refused_for_a_distributed_push(info):
+    from moerl.rollout.weight_sync import WeightSyncError, group_ranks
+
+    with pytest.raises(WeightSyncError, match="weight_sync.method=disk"):
+        group_ranks(info, "http://sglang-0:30000")

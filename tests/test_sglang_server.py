@@ -347,6 +347,8 @@ def test_weight_pushes_over_gloo_flattened_and_plain_and_from_disk(sglang, clien
     original = load_file(moe_dir / "model.safetensors")
     sync = DistributedWeightSync([client], master_address="127.0.0.1", backend="gloo")
     sync.init()
+    # The group's size came from SGLang's own /server_info (tp_size 1 here: one rank + rank 0).
+    assert sync.links[0].num_ranks == 1
     try:
         stats = sync.push(other.items(), weight_version="flat", bucket_bytes=64 << 10)
         assert stats["num_buckets"] > 1

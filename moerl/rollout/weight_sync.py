@@ -192,10 +192,31 @@ class _Link:
     """One server's own weight-update group: trainer rank 0 plus the server's ranks."""
 
     client: RolloutClient
-    num_ranks: int  # the server's ranks in the group (its TP size for SGLang, 1 for built-in)
+    num_ranks: int | None  # the server's ranks in the group; None: ask it at every join
     name: str = ""  # the group's name on both sides, fresh for every join
     group: dist.ProcessGroup | None = None
     works: list = field(default_factory=list)  # the last bucket's broadcasts on this group
+
+
+def group_ranks(server_info: dict, url: str = "the server") -> int:
+    """How many ranks a server brings to a weight-update group, from its ``/server_info``.
+
+    SGLang joins every tensor-parallel rank of its model at rank ``rank_offset + tp_rank``
+    (``weight_updater.init_weights_update_group``), so a TP=4 server is 4 ranks; moerl's
+    built-in server reports ``tp_size`` 1. Several data-parallel replicas behind one server
+    (``dp_size`` > 1 without DP attention) or pipeline stages would repeat those ranks: refused,
+    with what to do instead."""
+    def size(key: str) -> int:
+        return int(server_info.get(key) or 1)
+
+    tp, dp, pp = size("tp_size"), size("dp_size"), size("pp_size")
+    if pp > 1 or (dp > 1 and not server_info.get("enable_dp_attention")):
+        raise WeightSyncError(
+            f"{url} runs dp_size={dp}, pp_size={pp}: a distributed weight push addresses one "
+            f"server's tensor-parallel ranks (group rank = offset + tp_rank), which several "
+            f"data-parallel replicas or pipeline stages would repeat; run one server per "
+            f"replica with pp_size=1 (list them in rollout.urls), or set weight_sync.method=disk")
+    return tp
 
 
 class DistributedWeightSync:
@@ -213,17 +234,19 @@ class DistributedWeightSync:
     :class:`WeightSyncError` and marks the handle broken.
 
     ``ranks_per_server``: how many group ranks each server contributes (its TP size for SGLang,
-    1 for moerl's built-in server). ``backend`` defaults to NCCL when CUDA is available (tensors
+    1 for moerl's built-in server); None (the default) asks each server's ``/server_info`` at
+    every join (:func:`group_ranks`), so a restarted server with another TP size still fits. ``backend`` defaults to NCCL when CUDA is available (tensors
     then travel on ``device="cuda"``), else gloo on CPU.
     """
 
     def __init__(self, clients: Sequence[RolloutClient], *, master_address: str = "127.0.0.1",
                  master_port: int = 0, backend: str | None = None,
-                 group_name: str = "weight_update_group", ranks_per_server: int | Sequence[int] = 1,
-                 timeout_s: float = 600.0):
-        ranks = [ranks_per_server] * len(clients) if isinstance(ranks_per_server, int) \
-            else list(ranks_per_server)
-        if len(ranks) != len(clients) or min(ranks, default=1) < 1:
+                 group_name: str = "weight_update_group",
+                 ranks_per_server: int | Sequence[int] | None = None, timeout_s: float = 600.0):
+        ranks = list(ranks_per_server) if isinstance(ranks_per_server, Sequence) \
+            else [ranks_per_server] * len(clients)
+        self._ask_ranks = ranks_per_server is None
+        if len(ranks) != len(clients) or (not self._ask_ranks and min(ranks, default=1) < 1):
             raise ValueError("ranks_per_server must give a positive rank count per server")
         self.links = [_Link(client, num_ranks) for client, num_ranks in zip(clients, ranks)]
         self.master_address = master_address
@@ -258,6 +281,9 @@ class DistributedWeightSync:
         """The server joins over HTTP while rank 0 builds its side (each blocks for the other)."""
         self._serial += 1
         link.name = f"{self.group_name}-{index}-{self._serial}"
+        if self._ask_ranks:
+            link.num_ranks = group_ranks(run_sync(link.client.server_info()),
+                                         link.client.base_url)
         world_size = 1 + link.num_ranks
         http = self._pool.submit(run_sync, link.client.init_weights_update_group(
             master_address=self.master_address, master_port=self._store.port, rank_offset=1,
