@@ -3,9 +3,9 @@ import torch
 from e2e_util import cached_warm_start
 
 # The longest test files (wall time measured with pytest --durations on the 2-core machine, both
-# steps of tools/test.sh), longest first. pytest-xdist (tools/test.sh: --dist loadfile) hands out
-# files in collection order as workers free up; a long file collected last kept one worker busy
-# while the other idled at the end of a step.
+# steps of tools/test.sh), longest first. pytest-xdist (tools/test.sh: --dist loadfile or
+# loadscope, --no-loadscope-reorder) hands out files (classes) in collection order as workers free
+# up; a long file collected last kept one worker busy while the other idled at the end of a step.
 LONG_FILES = (
     "test_train_reliability.py", "test_train_e2e.py", "test_rollout_fleet.py",
     "test_byo_e2e.py", "test_batch_transport.py", "test_learning.py", "test_families.py",

@@ -119,10 +119,35 @@ def test_an_olmoe_config_sglang_serves_wrongly_is_refused(override, message):
         check_config_servable({**config, **override}, layout)
 
 
-@pytest.mark.sglang
-@pytest.mark.timeout(1500)  # one SGLang start-up: ~2 min idle, several on a loaded 2-core CPU
-@pytest.mark.parametrize("family", sorted(SERVED_FAMILIES))
-def test_sglang_routes_and_logprobs_equal_the_trainers(family, tmp_path):
+class _ServedFamily:
+    """One family's check, a class per family: tools/test.sh's pytest-xdist workers
+    (``--dist loadscope``) take each class on its own, so the four servers start on both."""
+
+    family = ""
+
+    @pytest.mark.sglang
+    @pytest.mark.timeout(1500)  # one SGLang start-up: ~2 min idle, several on a loaded 2-core CPU
+    def test_sglang_routes_and_logprobs_equal_the_trainers(self, tmp_path):
+        check_served_family(self.family, tmp_path)
+
+
+class TestOLMoE(_ServedFamily):
+    family = "olmoe"
+
+
+class TestGLM4MoE(_ServedFamily):
+    family = "glm4_moe"
+
+
+class TestQwen2MoE(_ServedFamily):
+    family = "qwen2_moe"
+
+
+class TestDeepSeekV3(_ServedFamily):
+    family = "deepseek_v3"
+
+
+def check_served_family(family: str, tmp_path: Path) -> None:
     ckpt = SERVED_FAMILIES[family](tmp_path / family)
     layout = MoeLayout.from_hf_config(ckpt)
     check_config_servable(read_config(ckpt), layout)  # what moerl checks before a local start

@@ -20,8 +20,7 @@ from moerl.rollout.client import RolloutClient, RolloutError
 from moerl.rollout.sglang_local import _port_clash
 from sglang_util import running_sglang
 
-# One server serves the module: under pytest-xdist (tools/test.sh) its tests stay on one worker.
-pytestmark = [pytest.mark.sglang, pytest.mark.xdist_group("sglang_server")]
+pytestmark = pytest.mark.sglang
 
 PROMPTS = [[1, 5, 9, 13, 7], [1, 30, 31], [1, 2, 40, 41, 42, 43, 44, 45]]
 TEMPERATURE = 0.8

@@ -118,7 +118,9 @@ launch/setup.sh
 # servers, timeouts and their peers), measured.
 workers=${MOERL_TEST_WORKERS:-2}
 parallel=()
-[ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist loadfile)
+# --no-loadscope-reorder: files in collection order (tests/conftest.py puts the longest first;
+# xdist's own reorder puts the files with the most tests first, whatever their length).
+[ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder)
 run_pytest .venv -m "not sglang" ${parallel[@]+"${parallel[@]}"} "$@" || failed=1
 
 # The compatibility step runs beside the SGLang step (whose time goes mostly to SGLang start-ups,
@@ -138,10 +140,10 @@ fi
 
 if [ "$sglang" = 1 ]; then
   if await_setup sglang "$sglang_pid"; then
-    # Test by test (each family check and RL run starts its own server), except the tests
-    # that share a module's server (marked xdist_group): they stay on one worker.
+    # A module, or a class, at a time (each family check is a class with a server of its own;
+    # a module's tests may share one).
     sglang_parallel=()
-    [ "$workers" -gt 1 ] && sglang_parallel=(-n "$workers" --dist loadgroup)
+    [ "$workers" -gt 1 ] && sglang_parallel=(-n "$workers" --dist loadscope --no-loadscope-reorder)
     MOERL_REQUIRE_SGLANG=1 run_pytest .venv -m sglang \
       ${sglang_parallel[@]+"${sglang_parallel[@]}"} "$@" || failed=1
   else
