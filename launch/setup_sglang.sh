@@ -36,5 +36,6 @@ reqs="$VENV/moerl-sglang-requirements.txt"
 "$py" "$SHIMS"/shims.py requirements > "$reqs"
 pip_install -r "$reqs"
 "$py" "$SHIMS"/shims.py apply
-echo "$want" > "$stamp.tmp" && mv "$stamp.tmp" "$stamp"  # a new file: hard-linked venv copies share the old one
+# A new file, not a write into the old one: hard-linked venv copies share the old one.
+echo "$want" > "$stamp.tmp" && mv "$stamp.tmp" "$stamp"
 echo "moerl setup_sglang: done in $(( $(date +%s) - start )) s, $(du -sh "$VENV" | cut -f1) in $VENV"

@@ -43,7 +43,8 @@
 #
 # Weight sync (moerl.rollout.weight_sync.DistributedWeightSync, trainer rank 0 only):
 #   /init_weights_update_group (backend nccl; one group per server: world = 1 + the server's TP
-#   ranks, trainer rank 0, the server's ranks from rank_offset 1, group name weight_update_group-<i>-<n>)
+#   ranks, trainer rank 0, the server's ranks from rank_offset 1, group name
+#   weight_update_group-<i>-<n>)
 #   then per step: /pause_generation {"mode": "retract"} -> /begin_weight_update ->
 #   /update_weights_from_distributed (names/dtypes/shapes, load_format "flattened_bucket") with an
 #   NCCL broadcast from trainer rank 0 -> /end_weight_update -> /continue_generation.

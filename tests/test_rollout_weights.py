@@ -57,6 +57,12 @@ def hf_greedy_logprobs(model_dir, samples):
     return out
 
 
+def assert_computes(samples, model_dir) -> None:
+    """The samples' log-probs are what ``model_dir`` computes (HF transformers, fp32)."""
+    for s, ref in zip(samples, hf_greedy_logprobs(model_dir, samples)):
+        assert torch.allclose(s.full_logprobs_R, ref, atol=1e-5)
+
+
 def test_distributed_push_changes_outputs_and_bumps_the_version(client, dirs):
     before = client.generate_sync(PROMPTS, sampling_params=GREEDY)
     assert {s.weight_version for s in before} == {"default"}
@@ -70,9 +76,7 @@ def test_distributed_push_changes_outputs_and_bumps_the_version(client, dirs):
         assert {s.weight_version for s in after} == {"step-1"}
         assert run_sync(client.weight_version()) == "step-1"
         assert [s.response_ids for s in after] != [s.response_ids for s in before]
-        # The server now computes exactly what model B computes.
-        for s, ref in zip(after, hf_greedy_logprobs(dirs[1], after)):
-            assert torch.allclose(s.full_logprobs_R, ref, atol=1e-5)
+        assert_computes(after, dirs[1])  # the server now computes exactly what model B does
         # Back to A, one tensor per broadcast this time (no flattening).
         sync.push(iter_safetensors_dir(dirs[0]), weight_version="step-2", flattened=False)
         back = client.generate_sync(PROMPTS, sampling_params=GREEDY)
@@ -89,8 +93,7 @@ def test_disk_update_changes_outputs_and_version(client, dirs, tmp_path):
     after = client.generate_sync(PROMPTS, sampling_params=GREEDY)
     assert {s.weight_version for s in after} == {"disk-1"}
     assert run_sync(client.model_info())["model_path"] == str(path.resolve())
-    for s, ref in zip(after, hf_greedy_logprobs(dirs[1], after)):
-        assert torch.allclose(s.full_logprobs_R, ref, atol=1e-5)
+    assert_computes(after, dirs[1])
     update_weights_from_disk([client], iter_safetensors_dir(dirs[0]),
                              out_dir=tmp_path / "push", weight_version="disk-2")
     assert [s.response_ids for s in client.generate_sync(PROMPTS, sampling_params=GREEDY)] == \

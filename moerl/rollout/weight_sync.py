@@ -235,8 +235,9 @@ class DistributedWeightSync:
 
     ``ranks_per_server``: how many group ranks each server contributes (its TP size for SGLang,
     1 for moerl's built-in server); None (the default) asks each server's ``/server_info`` at
-    every join (:func:`group_ranks`), so a restarted server with another TP size still fits. ``backend`` defaults to NCCL when CUDA is available (tensors
-    then travel on ``device="cuda"``), else gloo on CPU.
+    every join (:func:`group_ranks`), so a restarted server with another TP size still fits.
+    ``backend`` defaults to NCCL when CUDA is available (tensors then travel on
+    ``device="cuda"``), else gloo on CPU.
     """
 
     def __init__(self, clients: Sequence[RolloutClient], *, master_address: str = "127.0.0.1",
