@@ -102,9 +102,11 @@ class Mode:
     warm_target: float
 
 
-# Sized for ~90 minutes on an idle 2-core CPU (README: 4 x 3 x 50 = 600 RL steps at an estimated
-# 5-9 s each, plus start-up and evaluations). Hundreds of steps per run: --steps 200 (~4x).
-FULL = Mode(arms=("grpo_r3_mask", "gspo", "grpo", "gspo_r3"), seeds=(1, 2, 3), steps=50,
+# Sized for ~90 minutes on an idle 2-core CPU: 3 x 3 x 50 = 450 rollout steps (1,800 policy
+# updates: 4 mini-batches per rollout) at the ~10.5 s per step measured by --quick, plus per-run
+# start-up and evaluations. The paper's fourth arm (gspo_r3) and the others: --arms. Hundreds of
+# rollout steps per run: --steps 200 (~4x the time).
+FULL = Mode(arms=("grpo_r3_mask", "gspo", "grpo"), seeds=(1, 2, 3), steps=50,
             eval_every=10, warm_steps=1500, warm_target=0.2)
 # A short warm start: the quick mode proves the pipeline and measures step times and step-0
 # routing; its policy is not yet right on whole chains, so its rewards carry little signal.
