@@ -209,7 +209,14 @@ def cached_warm_start(tmp_path_factory, name: str, *, target_accuracy: float,
     cache = os.environ.get("MOERL_TEST_CACHE")
     if not cache:
         return make(tmp_path_factory.mktemp(name) / "hf")
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    # Keyed by the stack as well: tools/test.sh's compatibility step (another Python, torch and
+    # transformers) runs beside step 1 and makes its own, rather than waiting for step 1's lock
+    # or handing step 1 a checkpoint whose float sums another stack made.
+    import transformers
+
+    stack = {"python": sys.version_info[:2], "torch": torch.__version__,
+             "transformers": transformers.__version__}
+    digest = hashlib.sha256(json.dumps({**settings, **stack}, sort_keys=True).encode())
     for source in ("warmstart.py", "tiny_model.py", "tasks/arithmetic.py"):
         digest.update((REPO / "moerl" / source).read_bytes())
     out = Path(cache) / f"{name}-{digest.hexdigest()[:16]}" / "hf"

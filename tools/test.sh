@@ -5,8 +5,9 @@
 #   2. the `sglang` tests (real SGLang 0.5.23 servers from .venv-sglang) in .venv;
 #   3. the tests marked `compat` in .venv-mcore016 (Python 3.10/3.11, megatron-core 0.16.1): HF
 #      parity at TP=2/EP=2, routing-replay exactness, an end-to-end RL run, the CPU patches and
-#      Megatron-internal guards. It runs beside step 2 (whose time goes mostly to SGLang
-#      start-ups); its output follows step 2's.
+#      Megatron-internal guards. It runs in the background as soon as its own set-up is done,
+#      usually while .venv's set-up is still downloading (CPU the other steps cannot use yet);
+#      its output is printed after step 2's.
 # Steps 1 and 2 run in $MOERL_TEST_WORKERS pytest-xdist workers (default 2; 1: one process).
 # The set-ups of steps 2 and 3 (launch/setup_sglang.sh, launch/setup.sh --compat: downloads and
 # unpacking, minutes on a fresh machine, a second once stamped) run in the background from the
@@ -36,7 +37,8 @@ run_pytest() {
   shift
   set +e
   # shellcheck disable=SC1091
-  (. "$venv/bin/activate" && python -m pytest "$@")
+  # --durations: the slowest tests of each step in the log, to keep the whole under 30 minutes.
+  (. "$venv/bin/activate" && python -m pytest --durations=15 "$@")
   status=$?
   set -e
   if [ "$status" -eq 5 ]; then
@@ -107,9 +109,18 @@ elif [ "$(launch/setup.sh --print-python-version)" != "3.12" ]; then
   compat=0
   echo "tools/test.sh: .venv is Python < 3.12 with megatron-core 0.16.1 already: no compat step"
 fi
-if [ "$compat" = 1 ]; then  # beside .venv's set-up too, not during step 1's tests
-  background_setup compat launch/setup.sh --compat
-  compat_pid=${bg_pids[-1]}
+if [ "$compat" = 1 ]; then  # its set-up, then its tests, beside .venv's set-up and step 1
+  (
+    set +e
+    launch/setup.sh --compat > "$work/compat.log" 2>&1
+    echo $? > "$work/compat.status"
+    if [ "$(cat "$work/compat.status")" = 0 ]; then
+      run_pytest .venv-mcore016 -m compat "$@" > "$work/compat-tests.log" 2>&1
+      echo "$? $ran_tests" > "$work/compat-tests.status"
+    fi
+  ) &
+  compat_pid=$!
+  bg_pids+=("$compat_pid")
 fi
 launch/setup.sh
 
@@ -123,21 +134,8 @@ parallel=()
 [ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder)
 run_pytest .venv -m "not sglang" ${parallel[@]+"${parallel[@]}"} "$@" || failed=1
 
-# The compatibility step runs beside the SGLang step (whose time goes mostly to SGLang start-ups,
-# each a single busy process, so the SGLang step too runs in $MOERL_TEST_WORKERS workers); its
-# output is printed after the SGLang step's.
-compat_run_pid=
-if [ "$compat" = 1 ]; then
-  if await_setup compat "$compat_pid"; then
-    ( set +e; run_pytest .venv-mcore016 -m compat "$@" > "$work/compat-tests.log" 2>&1
-      status=$?; echo "$status $ran_tests" > "$work/compat-tests.status" ) &
-    compat_run_pid=$!
-    bg_pids+=("$compat_run_pid")
-  else
-    failed=1
-  fi
-fi
-
+# The SGLang step's time goes mostly to SGLang start-ups, each a single busy process, so it too
+# runs in $MOERL_TEST_WORKERS workers.
 if [ "$sglang" = 1 ]; then
   if await_setup sglang "$sglang_pid"; then
     # A module, or a class, at a time (each family check is a class with a server of its own;
@@ -153,13 +151,16 @@ else
   echo "tools/test.sh: MOERL_SKIP_SGLANG=1: the real-SGLang tests skipped"
 fi
 
-if [ -n "$compat_run_pid" ]; then
-  wait "$compat_run_pid" || true
-  echo "tools/test.sh: the compatibility step (.venv-mcore016, -m compat):"
-  cat "$work/compat-tests.log"
-  read -r compat_status compat_ran < "$work/compat-tests.status" || compat_status=1
-  [ "${compat_status:-1}" = 0 ] || failed=1
-  [ "${compat_ran:-0}" = 1 ] && ran_tests=1
+if [ -n "$compat_pid" ]; then
+  if await_setup compat "$compat_pid"; then
+    echo "tools/test.sh: the compatibility step (.venv-mcore016, -m compat):"
+    cat "$work/compat-tests.log"
+    read -r compat_status compat_ran < "$work/compat-tests.status" || compat_status=1
+    [ "${compat_status:-1}" = 0 ] || failed=1
+    [ "${compat_ran:-0}" = 1 ] && ran_tests=1
+  else
+    failed=1
+  fi
 fi
 if [ "$ran_tests" = 0 ]; then
   echo "tools/test.sh: no step ran a test" >&2
