@@ -114,12 +114,15 @@ def _pad_rows(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def route_fragility(model, task: SftTask, prompts, *, dtype=torch.bfloat16) -> dict:
-    """How many answer tokens a ``dtype`` forward routes differently from the fp32 forward.
+    """How differently a ``dtype`` forward of the same weights routes and predicts than fp32.
 
     Teacher-forced on ``prompt + answer + <eos>``; a token's routing is the top-k expert set of
     every MoE layer at the position that predicts it (as the trainer's routing telemetry counts
-    it). Returns ``token_route_mismatch`` (tokens differing in at least one MoE layer),
-    ``route_agreement`` (agreeing (token, layer) pairs) and the number of tokens counted.
+    it). Returns ``token_route_mismatch`` (answer tokens differing in at least one MoE layer),
+    ``route_agreement`` (agreeing (token, layer) pairs), the number of tokens counted, and the
+    exact KL(fp32 || ``dtype``) of the next-token distributions over the whole vocabulary: its
+    mean over the answer tokens (``kl``) and over those routed identically / differently
+    (``kl_same``, ``kl_rerouted``; NaN for an empty group).
     """
     from moerl.trainer.routing_replay import routing_agreement
 
@@ -130,19 +133,29 @@ def route_fragility(model, task: SftTask, prompts, *, dtype=torch.bfloat16) -> d
         answer_BT[i, len(p.ids) - 1:len(r) - 1] = True  # positions predicting answer tokens
     top_k = model.config.num_experts_per_tok
 
-    def routes(m):
-        logits = m(input_ids=ids, attention_mask=attention, output_router_logits=True).router_logits
+    def forward(m):
+        out = m(input_ids=ids, attention_mask=attention, output_router_logits=True)
         per_layer = [layer.float().topk(top_k, dim=-1).indices.view(*ids.shape, top_k)
-                     for layer in logits if layer is not None]
-        return torch.stack(per_layer, dim=2)  # [B, T, L_moe, K]
+                     for layer in out.router_logits if layer is not None]
+        # [B, T, L_moe, K], [B, T, V]
+        return torch.stack(per_layer, dim=2), out.logits.double().log_softmax(-1)
 
     model.eval()
-    exact = routes(model.float())
-    low = routes(_copy_in(model, dtype))
+    exact, exact_logp = forward(model.float())
+    low, low_logp = forward(_copy_in(model, dtype))
     agreement = routing_agreement(exact, low, answer_BT)
+    kl_BT = (exact_logp.exp() * (exact_logp - low_logp)).sum(-1)
+    same_BT = (exact.sort(-1).values == low.sort(-1).values).all(-1).all(-1)
+
+    def mean_kl(where_BT):
+        picked = kl_BT[where_BT & answer_BT]
+        return float(f"{float(picked.mean()):.6g}") if picked.numel() else float("nan")
+
     return {"dtype": str(dtype).removeprefix("torch."), "tokens": int(answer_BT.sum()),
             "token_route_mismatch": round(float(agreement["token_route_mismatch"]), 4),
-            "route_agreement": round(float(agreement["route_agreement"]), 4)}
+            "route_agreement": round(float(agreement["route_agreement"]), 4),
+            "kl": mean_kl(torch.ones_like(answer_BT)), "kl_same": mean_kl(same_BT),
+            "kl_rerouted": mean_kl(~same_BT)}
 
 
 def _copy_in(model, dtype):

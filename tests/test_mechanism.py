@@ -124,6 +124,12 @@ def test_warm_start_route_fragility_counts_answer_tokens(tmp_path):
     same = route_fragility(model, task, prompts, dtype=torch.float32)
     assert same["tokens"] == answer_tokens and same["token_route_mismatch"] == 0.0
     assert same["route_agreement"] == 1.0
+    assert same["kl"] == 0.0 and same["kl_same"] == 0.0 and math.isnan(same["kl_rerouted"])
     low = route_fragility(model, task, prompts)
     assert low["dtype"] == "bfloat16" and 0.0 < low["token_route_mismatch"] <= 1.0
     assert low["route_agreement"] < 1.0
+    # The KL over all answer tokens is the token-weighted mean of its two groups' KLs.
+    share = low["token_route_mismatch"]
+    assert low["kl"] > 0.0 and low["kl_rerouted"] > 0.0
+    assert low["kl"] == pytest.approx(share * low["kl_rerouted"] + (1 - share) * low["kl_same"],
+                                      rel=1e-3)
