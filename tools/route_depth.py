@@ -74,8 +74,8 @@ def sweep(layers: list[int], seeds: list[int], *, num_prompts: int, models: list
 
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()  # one save and one load per model: noise in the log
-    task = ChainArithmeticTask(max_operand=9, num_terms=4, seed=7)
-    prompts = task.eval_set()[:num_prompts]
+    task = ChainArithmeticTask(max_operand=9, num_terms=4, seed=7, eval_size=num_prompts)
+    prompts = task.eval_set()
     rows = []
     with tempfile.TemporaryDirectory(prefix="moerl-route-depth-") as tmp:
         for num_layers in layers:
@@ -168,12 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3],
                         help="random initialisations per depth")
     parser.add_argument("--num-prompts", type=int, default=128,
-                        help="chain evaluation problems to teacher-force (at most 128)")
+                        help="chain problems (4 one-digit terms) to teacher-force")
     parser.add_argument("--model", type=Path, nargs="*", default=[],
                         help="trained HF checkpoints to add as rows (e.g. a warm start)")
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.layers):
         parser.error(f"--layers must be positive, got {args.layers}")
+    if args.num_prompts < 1:
+        parser.error(f"--num-prompts must be positive, got {args.num_prompts}")
     for path in args.model:
         if not (path / "config.json").exists():
             parser.error(f"--model {path}: no config.json there (an HF checkpoint directory)")
