@@ -149,11 +149,14 @@ def plot(result: dict, out: Path) -> Path:
     left.legend(fontsize=7)
     for key, label in (("kl", "all tokens"), ("kl_same", "routed identically"),
                        ("kl_rerouted", "rerouted")):
-        right.plot(xs, [r[key][0] for r in random_rows], marker="o", label=label)
+        right.plot(xs, [r[key][0] for r in random_rows], marker="o", label=f"random: {label}")
+    for r in trained:
+        right.plot([r["layers"]], [r["kl"][0]], "s",
+                   label=f"trained: {Path(r['model']).name}, all tokens")
     right.set(xscale="log", yscale="log", xlabel="MoE layers",
               ylabel="KL(fp32 || bf16) per token", title="Mismatch KL vs depth")
     right.set_xticks(xs, [str(x) for x in xs])
-    right.legend(fontsize=8)
+    right.legend(fontsize=7)
     fig.tight_layout()
     path = out / "route_depth.png"
     fig.savefig(path, dpi=110)
