@@ -17,6 +17,10 @@
 # moerl with its test extra: pyproject.toml's environment markers pick the megatron-core release
 # for the venv's Python. A stamp (pyproject.toml's hash) makes a re-run a no-op of a second; a
 # changed pyproject.toml reinstalls; a venv on another Python than the chosen one is rebuilt.
+# On 3.12 both installs go through uv (installed into the venv first; pip where that fails):
+# it fetches PyPI's CUDA torch and its ~20 nvidia wheels in parallel (measured on this 2-core
+# machine, fresh cache: 36 s, against pip's 2m15s). On 3.10/3.11 pip installs, since it is pip's
+# configuration that knows the local CPU wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION=2.13.0
@@ -75,11 +79,19 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
+# venv_install ARGS...: uv on 3.12 (fetched into the venv on first use), else pip.
+venv_install() {
+  if [ "$want_minor" = "3.12" ] && { [ -x "$VENV/bin/uv" ] || python -m pip install -q uv; }; then
+    "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" "$@"
+  else
+    python -m pip install -q "$@"
+  fi
+}
 if ! python -c "import importlib.metadata as m, sys; sys.exit(m.version('torch').split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
   echo "moerl setup: installing torch==$TORCH_VERSION into $VENV"
   if ! python -m pip install -q "torch==$TORCH_VERSION+cpu" 2>/dev/null; then
     if [ "$want_minor" = "3.12" ]; then
-      python -m pip install -q "torch==$TORCH_VERSION"
+      venv_install "torch==$TORCH_VERSION"
     else
       python -m pip install -q "torch==$TORCH_VERSION+cpu" \
         --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
@@ -90,7 +102,7 @@ stamp=$VENV/.moerl-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "moerl setup: installing moerl and its dependencies into $VENV"
-  python -m pip install -q -e '.[test]'
+  venv_install -e '.[test]'
   echo "$want" > "$stamp"
   python -c "import importlib.metadata as m, sys; print('moerl setup: $VENV = Python', sys.version.split()[0], '+ torch', m.version('torch'), '+ megatron-core', m.version('megatron-core'))"
 fi
