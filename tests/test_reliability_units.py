@@ -253,3 +253,16 @@ def test_the_trainer_itself_refuses_a_budget_beyond_the_context(model_dir, tmp_p
     assert proc.returncode == 2
     assert "rollout.max_new_tokens=600 leaves no room for a prompt" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("status, refused", [(400, True), (404, True), (429, False),
+                                             (500, False), (503, False), (None, False)])
+def test_a_weight_push_fails_on_a_refusal_and_drops_a_failing_or_overloaded_server(status,
+                                                                                    refused):
+    """weight_sync: a 4xx is the server refusing the update (the push fails, naming it); a 5xx,
+    a lost connection (no status) or a 429 that outlasted the client's retries is a server
+    failing, dropped from the push while the others take the update."""
+    from moerl.rollout.client import RolloutError
+    from moerl.rollout.weight_sync import _refused
+
+    assert _refused(RolloutError("x", status=status)) is refused

@@ -54,7 +54,7 @@ from moerl.rollout.protocol import (
 )
 
 T = TypeVar("T")
-_RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
 class RolloutError(RuntimeError):
@@ -171,7 +171,7 @@ class RolloutClient:
                     status, payload = await self._request(session, method, path, body)
                     if status == 200:
                         return payload
-                    if status not in _RETRYABLE_STATUS:
+                    if status not in RETRYABLE_STATUS:
                         raise RolloutError(f"{path}: HTTP {status}: {self._error_message(payload)}",
                                            status=status)
                     last = RolloutError(f"{path}: HTTP {status}: {self._error_message(payload)}",
@@ -328,7 +328,7 @@ class RolloutClient:
     def _group_samples(self, status: int, payload: Any, group_index: int, prompt: list[int], *,
                        n: int, layout: MoeLayout | None, return_routes: bool,
                        return_mask: bool) -> list[Sample]:
-        if status in _RETRYABLE_STATUS:
+        if status in RETRYABLE_STATUS:
             raise _Retryable(f"HTTP {status}: {self._error_message(payload)}")
         if status != 200:
             raise RolloutError(f"/generate: HTTP {status}: {self._error_message(payload)}",

@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 
 from moerl.hf_io import write_hf_checkpoint
-from moerl.rollout.client import RolloutClient, RolloutError, run_sync
+from moerl.rollout.client import RETRYABLE_STATUS, RolloutClient, RolloutError, run_sync
 from moerl.rollout.fleet import NoServerLeft
 
 log = logging.getLogger("moerl.rollout")
@@ -456,9 +456,11 @@ def _destroy_on_server(link: _Link) -> None:
 
 
 def _refused(err: BaseException) -> bool:
-    """The server answered and refused the request (HTTP 4xx): not a server failure."""
+    """The server answered and refused the request (HTTP 4xx): not a server failure. A status
+    the client retries (429: overloaded) that outlasted its retries is a failing server, dropped
+    from the push like one that answers 5xx."""
     status = getattr(err, "status", None)
-    return status is not None and status < 500
+    return status is not None and status < 500 and status not in RETRYABLE_STATUS
 
 
 def _first_line(err: BaseException) -> str:
