@@ -79,3 +79,17 @@ def test_compare_pools_mechanism_metrics_token_weighted():
     assert pooled["tokens_by_dlayers"] == {0: 40, 1: 40}
     assert pooled["k3_by_dlayers"][0] == pytest.approx((30 * 1e-6 + 10 * 3e-6) / 40)
     assert pooled["k3_by_dlayers"][1] == pytest.approx(0.05)  # the NaN step carries no weight
+
+
+def test_grad_spikes_are_judged_against_steps_with_a_gradient():
+    """A run that stopped learning (all-equal group rewards: gradient norm 0 on most steps) does
+    not count every step with a gradient as a spike; a real outlier still counts."""
+    import compare
+
+    def run(grads):
+        return [{"step": i, "score/mean": 0.0, "grad_norm": g} for i, g in enumerate(grads)]
+
+    dead = run([0.8, 0.0, 0.0, 0.3, 0.0, 0.0, 0.0, 0.2, 0.0])
+    assert compare.run_stats(dead)["grad_spikes"] == 0.0
+    spiky = run([1.0, 0.9, 1.1, 0.0, 6.0, 1.0, "nan"])
+    assert compare.run_stats(spiky)["grad_spikes"] == 1.0

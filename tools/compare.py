@@ -177,7 +177,11 @@ def run_stats(records: list[dict]) -> dict[str, float]:
     evals = [r["eval/accuracy"] for r in records if "eval/accuracy" in r]
     last = train[-max(1, len(train) // 10):]  # the last tenth of the run
     grad = [g for g in (_num(r["grad_norm"]) for r in train) if math.isfinite(g)]
-    median = statistics.median(grad) if grad else float("nan")
+    # Steps whose groups all got equal rewards carry no gradient (norm 0); a spike is judged
+    # against the steps that had one (a run that stopped learning has a median of 0, against
+    # which every step with a gradient would count).
+    live = [g for g in grad if g > 0]
+    median = statistics.median(live) if live else float("nan")
 
     def mean(key, rows=train):
         values = [_num(r[key]) for r in rows if key in r]
@@ -200,8 +204,8 @@ def run_stats(records: list[dict]) -> dict[str, float]:
         "clipfrac_same": mean("mech/clipfrac_same"),
         "clipfrac_rerouted": mean("mech/clipfrac_rerouted"),
         "seconds_per_step": mean("time/step"),
-        # A spike: a step whose gradient norm exceeds 5x the run's median.
-        "grad_spikes": float(sum(g > 5 * median for g in grad)),
+        # A spike: a step whose gradient norm exceeds 5x the run's median (steps with one).
+        "grad_spikes": float(sum(g > 5 * median for g in live)),
         "collapsed": float(collapse is not None),
         "steps_to_collapse": float(collapse) if collapse is not None else float("nan"),
         "skipped_steps": sum(_num(r.get("skipped", 0)) for r in train),
@@ -302,7 +306,7 @@ def markdown(summary: dict, seeds: list[int], pairs: list[dict], mech: dict) -> 
         lines.append(f"| {ARMS[arm][3]} | " + " | ".join(_cell(stats[k], f) for k, _, f in cols)
                      + " |")
     lines += ["", f"Mean ± sample std over seeds {seeds}; grad spikes (steps with a gradient norm "
-              f"above 5x the run's median) and collapses are totals over seeds. A run collapses "
+              f"above 5x the run's median over steps with a nonzero gradient) and collapses are totals over seeds. A run collapses "
               f"(pre-registered, tools/compare_stats.py) when its greedy accuracy stays below "
               f"{COLLAPSE_FRACTION:g}x its step-0 value from some evaluation to the end, or its "
               f"gradient norm stays non-finite. k3, extreme tokens, routing and clipping are "
