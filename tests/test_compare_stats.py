@@ -93,3 +93,16 @@ def test_grad_spikes_are_judged_against_steps_with_a_gradient():
     assert compare.run_stats(dead)["grad_spikes"] == 0.0
     spiky = run([1.0, 0.9, 1.1, 0.0, 6.0, 1.0, "nan"])
     assert compare.run_stats(spiky)["grad_spikes"] == 1.0
+
+
+def test_mechanism_figure_leaves_out_depths_with_few_tokens():
+    """The k3-vs-depth panel plots a depth only with MIN_DEPTH_TOKENS tokens behind it (in the full
+    run 6+ rerouted layers held a few dozen tokens and k3 values from 1e-16 to 1e-2), for the
+    int keys of mechanism_of and the str keys read back from summary.json alike."""
+    import compare
+
+    n = compare.MIN_DEPTH_TOKENS
+    entry = {"tokens_by_dlayers": {0: 10 * n, 1: n, 2: n - 1, 10: 5, 3: 2 * n}}
+    assert compare.plotted_depths(entry) == [0, 1, 3]
+    as_json = {"tokens_by_dlayers": {str(d): v for d, v in entry["tokens_by_dlayers"].items()}}
+    assert compare.plotted_depths(as_json) == ["0", "1", "3"]

@@ -375,6 +375,19 @@ def plot(out: Path, arms: list[str], seeds: list[int]) -> Path:
     return path
 
 
+# A depth (number of MoE layers whose experts differ) enters the k3-vs-depth panel only with at
+# least this many tokens over all steps and seeds: the few dozen tokens rerouted in 6+ layers
+# gave k3 values that swung over ten orders of magnitude and flattened the panel.
+MIN_DEPTH_TOKENS = 100
+
+
+def plotted_depths(entry: dict) -> list:
+    """The depths of a mechanism entry (``mechanism_of``; int keys, or str once read back from
+    JSON) with at least ``MIN_DEPTH_TOKENS`` tokens, in increasing order."""
+    return sorted((d for d, n in entry["tokens_by_dlayers"].items() if n >= MIN_DEPTH_TOKENS),
+                  key=int)
+
+
 def plot_mechanism(out: Path, mech: dict, summary: dict) -> Path:
     """The ratio-distribution split, k3 vs differing layers, and the clip split, per arm."""
     import matplotlib
@@ -393,14 +406,15 @@ def plot_mechanism(out: Path, mech: dict, summary: dict) -> Path:
             if total:
                 axes[0].plot(range(len(counts)), [c / total for c in counts], style,
                              color=f"C{i}", label=f"{ARMS[arm][3]}: {group}")
-        layers = sorted(entry["k3_by_dlayers"])
-        axes[1].plot(layers, [entry["k3_by_dlayers"][d] for d in layers], "o-", color=f"C{i}",
-                     label=ARMS[arm][3])
+        layers = plotted_depths(entry)
+        axes[1].plot([int(d) for d in layers], [entry["k3_by_dlayers"][d] for d in layers], "o-",
+                     color=f"C{i}", label=ARMS[arm][3])
     axes[0].set_xticks(range(len(labels)), labels, rotation=45)
     axes[0].set_title("|log pi_old - log pi_engine|: identically routed (--) vs rerouted (-)")
     axes[0].set_ylabel("fraction of the group's tokens")
     axes[1].set_yscale("log")
-    axes[1].set_title("k3 KL vs number of MoE layers whose experts differ")
+    axes[1].set_title(f"k3 KL vs number of MoE layers whose experts differ "
+                      f"(depths with >= {MIN_DEPTH_TOKENS} tokens)", fontsize=10)
     axes[1].set_xlabel("MoE layers with different top-k experts")
     names = list(summary)
     width = 0.4
