@@ -306,7 +306,8 @@ def markdown(summary: dict, seeds: list[int], pairs: list[dict], mech: dict) -> 
         lines.append(f"| {ARMS[arm][3]} | " + " | ".join(_cell(stats[k], f) for k, _, f in cols)
                      + " |")
     lines += ["", f"Mean ± sample std over seeds {seeds}; grad spikes (steps with a gradient norm "
-              f"above 5x the run's median over steps with a nonzero gradient) and collapses are totals over seeds. A run collapses "
+              f"above 5x the run's median over steps with a nonzero gradient) and collapses are "
+              f"totals over seeds. A run collapses "
               f"(pre-registered, tools/compare_stats.py) when its greedy accuracy stays below "
               f"{COLLAPSE_FRACTION:g}x its step-0 value from some evaluation to the end, or its "
               f"gradient norm stays non-finite. k3, extreme tokens, routing and clipping are "
