@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 
 import pytest
 
@@ -34,3 +35,11 @@ def running_sglang(model_dir, **kwargs):
         yield server
     finally:
         server.stop()
+
+
+def freeze(server) -> None:
+    """SIGSTOP every process of ``server`` (its launcher's process group): it accepts connections
+    (the kernel queues them) but answers nothing, so requests sent to it are still pending when
+    the test kills it, however fast the machine generates. ``server.kill()`` ends it (SIGKILL
+    reaches stopped processes)."""
+    os.killpg(server.process.pid, signal.SIGSTOP)

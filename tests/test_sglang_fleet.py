@@ -12,7 +12,7 @@ import time
 import pytest
 
 from moerl.rollout import protocol as P
-from sglang_util import require_sglang_python
+from sglang_util import freeze, require_sglang_python
 
 pytestmark = pytest.mark.sglang
 
@@ -77,14 +77,20 @@ def test_sglang_fleet_spreads_pushes_to_both_and_a_killed_server_loses_no_sample
             deadline = time.monotonic() + 300
             while manager.fleet.outstanding[1] == 0 and time.monotonic() < deadline:
                 time.sleep(0.01)
-            time.sleep(0.3)
+            time.sleep(0.5)  # its requests reach the frozen server
             servers[1].kill()
 
+        # Frozen first, so that the groups sent to it are still pending when it is killed,
+        # however fast the machine generates (in CI its groups once finished before the kill).
+        freeze(servers[1])
+        served = list(manager.fleet.groups_served)
         killer = threading.Thread(target=kill_when_busy)
         killer.start()
         samples = manager.generate(prompts, n=N, step=2)
         killer.join()
         assert not manager.fleet.up[1]  # it failed groups mid-step, which went to the other
+        # every group of the step was served by the live server, none by the killed one
+        assert [now - then for now, then in zip(manager.fleet.groups_served, served)] == [GROUPS, 0]
         assert _keys(samples) == [(g, j) for g in range(GROUPS) for j in range(N)]  # all, once
         assert all(s.routes_TLK is not None and s.mask_offsets_R1 is not None for s in samples)
     finally:

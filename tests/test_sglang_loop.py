@@ -12,7 +12,7 @@ import pytest
 
 from moerl.rollout import protocol as P
 from moerl.rollout.client import run_sync
-from sglang_util import require_sglang_python
+from sglang_util import freeze, require_sglang_python
 
 pytestmark = pytest.mark.sglang
 
@@ -44,14 +44,17 @@ def test_killed_local_sglang_is_restarted_and_every_sample_arrives_once(moe_dir,
         (first,) = manager.servers
 
         def crash():
-            time.sleep(2.0)
+            time.sleep(2.0)  # the requests reach the frozen server
             first.kill()
 
+        # Frozen first, so that no request can finish before the kill, however fast the machine
+        # generates (in CI 300 tokens once took under 2 s and the kill found nothing running).
+        freeze(first)
         killer = threading.Thread(target=crash)
         killer.start()
         prompts = [[1, 5, 9], [1, 7, 3, 4], [1, 30]]
-        # manager.generate's own path (watchdog + client), with ignore_eos so that every
-        # request is still running when the server is killed.
+        # manager.generate's own path (watchdog + client); ignore_eos: every sample of the
+        # restarted server runs to the budget.
         samples = run_sync(manager._with_watchdog(manager.clients[0].generate(
             prompts, n=2, sampling_params={**sampling.params(), "ignore_eos": True})))
         killer.join()

@@ -274,7 +274,7 @@ def test_a_running_request_aborted_mid_generation_is_retried_not_trained_on(sgla
     import threading
     import time
 
-    budget = 400
+    budget = 300
     params = {"temperature": 1.0, "top_k": TOP_K, "max_new_tokens": budget, "ignore_eos": True}
     status, partial = {}, {}
 
@@ -283,20 +283,28 @@ def test_a_running_request_aborted_mid_generation_is_retried_not_trained_on(sgla
         status["pause"] = post(sglang, "/pause_generation", {"mode": "abort"})
         status["continue"] = post(sglang, "/continue_generation", {})
 
-    # First, what SGLang answers for a running request that gets aborted.
-    aborter = threading.Thread(target=abort_while_running)
-    aborter.start()
-    code, partial = post(sglang, "/generate", {"input_ids": PROMPTS[0], "return_logprob": True,
-                                               "return_routed_experts": True,
-                                               "sampling_params": params})
-    aborter.join()
-    assert code == 200 and partial["meta_info"]["finish_reason"]["type"] == "abort"
-    assert 0 < len(partial["output_ids"]) < budget
-    # The client retries such a group and records only complete responses.
-    aborter = threading.Thread(target=abort_while_running)
-    aborter.start()
-    samples = client.generate_sync([PROMPTS[0], PROMPTS[1]], n=2, sampling_params=params)
-    aborter.join()
+    # SGLang's test hook: every forward pass sleeps 20 ms, so no request can finish its budget
+    # (>= 6 s) before the abort at 1.5 s, however fast the machine generates (in CI 400 tokens
+    # once took under 1.5 s and the abort found nothing running).
+    assert post(sglang, "/slow_down", {"forward_sleep_time": 0.02})[0] == 200
+    try:
+        # First, what SGLang answers for a running request that gets aborted.
+        aborter = threading.Thread(target=abort_while_running)
+        aborter.start()
+        code, partial = post(sglang, "/generate", {
+            "input_ids": PROMPTS[0], "return_logprob": True, "return_routed_experts": True,
+            "sampling_params": params})
+        aborter.join()
+        assert code == 200 and partial["meta_info"]["finish_reason"]["type"] == "abort"
+        assert 0 < len(partial["output_ids"]) < budget
+        # The client retries such a group and records only complete responses.
+        status.clear()
+        aborter = threading.Thread(target=abort_while_running)
+        aborter.start()
+        samples = client.generate_sync([PROMPTS[0], PROMPTS[1]], n=2, sampling_params=params)
+        aborter.join()
+    finally:
+        assert post(sglang, "/slow_down", {"forward_sleep_time": 0})[0] == 200  # back to full speed
     assert status["pause"][0] == 200 and status["continue"][0] == 200
     assert len(samples) == 4
     for s in samples:
