@@ -47,7 +47,9 @@ TINY_QWEN3_MOE: dict[str, Any] = dict(
 # "deep_moe" is the fragile one of the second comparison: 12 MoE layers of 64 experts, top-8,
 # all MoE (so SGLang serves it). DESIGN.md's measurement puts a random 12 / 64 top-8 model at
 # ~58% of tokens rerouted between bf16 and fp32; narrow experts keep it at ~1M parameters so a
-# CPU step stays cheap.
+# CPU step stays cheap. "deep_moe24" is the same with 24 MoE layers: the depth at which a bf16
+# forward reroutes a majority of tokens in at least one layer (tools/route_depth.py: ~83% on a
+# random model against ~50% at 12), at about twice the cost per step.
 _WIDE = dict(num_hidden_layers=5, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=16)
 _DEEP = dict(num_hidden_layers=12, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=8,
              mlp_only_layers=[])
@@ -57,6 +59,7 @@ TINY_VARIANTS: dict[str, dict[str, Any]] = {
     "tiny_moe": dict(mlp_only_layers=[]),
     "wide_moe": dict(_WIDE, mlp_only_layers=[]),
     "deep_moe": _DEEP,
+    "deep_moe24": dict(_DEEP, num_hidden_layers=24),
 }
 
 

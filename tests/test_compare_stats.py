@@ -106,3 +106,23 @@ def test_mechanism_figure_leaves_out_depths_with_few_tokens():
     assert compare.plotted_depths(entry) == [0, 1, 3]
     as_json = {"tokens_by_dlayers": {str(d): v for d, v in entry["tokens_by_dlayers"].items()}}
     assert compare.plotted_depths(as_json) == ["0", "1", "3"]
+
+
+def test_deep_moe24_is_deep_moe_with_24_layers_and_its_own_warm_start(tmp_path):
+    """--variant deep_moe24: the 12-layer model's shape at twice the depth, all MoE (SGLang can
+    serve it), warm-started into a cache entry of its own (never the 12-layer checkpoint)."""
+    import json
+
+    import compare
+    from moerl.tiny_model import TINY_VARIANTS, create_tiny_hf_model
+
+    configs = [json.loads((create_tiny_hf_model(tmp_path / v, **TINY_VARIANTS[v])
+                           / "config.json").read_text()) for v in ("deep_moe", "deep_moe24")]
+    assert {k for k in configs[0].keys() | configs[1].keys()
+            if configs[0].get(k) != configs[1].get(k)} == {"num_hidden_layers"}
+    assert configs[1]["num_hidden_layers"] == 24 and configs[1]["mlp_only_layers"] == []
+    paths = {compare.warm_start_path(mode, variant) for mode in (compare.FULL, compare.QUICK)
+             for variant in compare.VARIANTS}
+    assert len(paths) == 4
+    with pytest.raises(SystemExit):
+        compare.main(["--variant", "deep_moe48", "--out", str(tmp_path / "out")])

@@ -1,12 +1,13 @@
 """The comparison moerl exists for: GRPO with keep-routing vs GSPO without routing replay.
 
     python tools/compare.py --out runs/compare2 [--quick] [--seeds 1 2 3] [--arms ...]
-                            [--engine builtin|sglang]
+                            [--engine builtin|sglang] [--variant deep_moe|deep_moe24]
 
 Second edition: a setting fragile enough for the mechanism to show. The task is ``chain``
 (multi-step arithmetic that writes every partial sum: responses of ~20-25 tokens, exact verifier;
 ``moerl.tasks.chain``), the model the ``deep_moe`` tiny Qwen3-MoE (12 MoE layers, 64 experts,
-top-8, all MoE so SGLang can serve it), warm-started once per setting and cached under
+top-8, all MoE so SGLang can serve it; ``--variant deep_moe24``: 24 such layers, where a bf16
+engine reroutes most tokens), warm-started once per setting and cached under
 ``runs/warmstart/`` (reused by every arm and seed, and by later invocations). Every arm is a real
 training run (torchrun, TP=2/EP=2, built-in rollout server) from that checkpoint with the same
 seeds, under settings that make the train/rollout mismatch real: a bf16 rollout engine against an
@@ -112,7 +113,7 @@ FULL = Mode(arms=("grpo_r3_mask", "gspo", "grpo"), seeds=(1, 2, 3), steps=50,
 # routing; its policy is not yet right on whole chains, so its rewards carry little signal.
 QUICK = Mode(arms=("grpo_r3_mask", "gspo", "grpo"), seeds=(1, 2), steps=3, eval_every=3,
              warm_steps=50, warm_target=0.2)
-VARIANT = "deep_moe"
+VARIANTS = ("deep_moe", "deep_moe24")  # moerl.tiny_model variants: 12 / 24 MoE layers
 
 SERIES = [("score/mean", "sample accuracy"), ("eval/accuracy", "greedy eval accuracy"),
           ("mismatch/k3", "train/rollout k3 KL"), ("mismatch/extreme_frac",
@@ -435,16 +436,21 @@ def plot_mechanism(out: Path, mech: dict, summary: dict) -> Path:
     return path
 
 
-def ensure_model(mode: Mode, log) -> Path:
-    """The warm-started checkpoint of this setting, made once and cached under runs/warmstart/."""
-    key = (f"{VARIANT}_{TASK['task.name']}{TASK['task.num_terms']}x{TASK['task.max_operand']}"
+def warm_start_path(mode: Mode, variant: str) -> Path:
+    """Where the warm start of ``variant`` under ``mode``'s budget is cached: one per setting."""
+    key = (f"{variant}_{TASK['task.name']}{TASK['task.num_terms']}x{TASK['task.max_operand']}"
            f"_s{mode.warm_steps}_t{mode.warm_target:g}")
-    path = REPO / "runs" / "warmstart" / key
+    return REPO / "runs" / "warmstart" / key
+
+
+def ensure_model(mode: Mode, log, variant: str = VARIANTS[0]) -> Path:
+    """The warm-started checkpoint of this setting, made once and cached under runs/warmstart/."""
+    path = warm_start_path(mode, variant)
     if (path / "config.json").exists():
         return path
-    log(f"warm-starting the {VARIANT} model on {TASK['task.name']} into {path} ...")
+    log(f"warm-starting the {variant} model on {TASK['task.name']} into {path} ...")
     subprocess.run([sys.executable, "-m", "moerl.warmstart", "--out", str(path), "--variant",
-                    VARIANT, "--task", TASK["task.name"], "--num-terms",
+                    variant, "--task", TASK["task.name"], "--num-terms",
                     str(TASK["task.num_terms"]), "--max-operand", str(TASK["task.max_operand"]),
                     "--max-steps", str(mode.warm_steps), "--target-accuracy",
                     str(mode.warm_target)], cwd=REPO, check=True,
@@ -471,11 +477,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument("--variant", choices=VARIANTS, default=VARIANTS[0],
+                        help="the model: deep_moe (12 MoE layers of 64 experts, top-8) or "
+                             "deep_moe24 (24 such layers: most tokens rerouted by a bf16 engine, "
+                             "~2x the time per step); each has its own cached warm start")
     parser.add_argument("--model", type=Path, default=None,
-                        help="HF checkpoint (default: the cached deep_moe warm start)")
+                        help="HF checkpoint (default: the cached warm start of --variant)")
     parser.add_argument("--engine", choices=["builtin", "sglang"], default="builtin",
                         help="rollout engine: moerl's built-in server, or a real SGLang server "
-                             "started by each run (the model must be all-MoE, as deep_moe is)")
+                             "started by each run (the model must be all-MoE, as both variants are)")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
     mode = Mode(arms=tuple(args.arms or base.arms), seeds=tuple(args.seeds or base.seeds),
@@ -487,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg):
         print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    model = args.model or ensure_model(mode, log)
+    model = args.model or ensure_model(mode, log, args.variant)
     started = time.time()
     for seed in mode.seeds:
         for arm in mode.arms:
@@ -499,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     warm = model / "warmstart.json"
     (out / "summary.json").write_text(json.dumps(
         {"arms": arms, "seeds": seeds, "steps": mode.steps, "model": str(model),
-         "variant": VARIANT, "task": TASK, "engine": args.engine,
+         "variant": None if args.model else args.variant, "task": TASK, "engine": args.engine,
          "settings": {**MISMATCH_SETTINGS, **engine_settings(args.engine, model)},
          "warmstart": json.loads(warm.read_text()) if warm.exists() else None,
          "summary": summary, "paired": pairs, "mechanism": mech}, indent=2))
