@@ -485,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="HF checkpoint (default: the cached warm start of --variant)")
     parser.add_argument("--engine", choices=["builtin", "sglang"], default="builtin",
                         help="rollout engine: moerl's built-in server, or a real SGLang server "
-                             "started by each run (the model must be all-MoE, as both variants are)")
+                             "started by each run (the model must be all-MoE, as both "
+                             "variants are)")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
     mode = Mode(arms=tuple(args.arms or base.arms), seeds=tuple(args.seeds or base.seeds),
