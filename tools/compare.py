@@ -7,7 +7,7 @@ Second edition: a setting fragile enough for the mechanism to show. The task is 
 (multi-step arithmetic that writes every partial sum: responses of ~20-25 tokens, exact verifier;
 ``moerl.tasks.chain``), the model the ``deep_moe`` tiny Qwen3-MoE (12 MoE layers, 64 experts,
 top-8, all MoE so SGLang can serve it; ``--variant deep_moe24``: 24 such layers, where a bf16
-engine reroutes most tokens), warm-started once per setting and cached under
+engine reroutes about half the warm start's tokens), warm-started once per setting and cached under
 ``runs/warmstart/`` (reused by every arm and seed, and by later invocations). Every arm is a real
 training run (torchrun, TP=2/EP=2, built-in rollout server) from that checkpoint with the same
 seeds, under settings that make the train/rollout mismatch real: a bf16 rollout engine against an
@@ -479,8 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--variant", choices=VARIANTS, default=VARIANTS[0],
                         help="the model: deep_moe (12 MoE layers of 64 experts, top-8) or "
-                             "deep_moe24 (24 such layers: most tokens rerouted by a bf16 engine, "
-                             "~2x the time per step); each has its own cached warm start")
+                             "deep_moe24 (24 such layers: about half the warm start's tokens "
+                             "rerouted by a bf16 engine, ~2x the time per step); each has its "
+                             "own cached warm start")
     parser.add_argument("--model", type=Path, default=None,
                         help="HF checkpoint (default: the cached warm start of --variant)")
     parser.add_argument("--engine", choices=["builtin", "sglang"], default="builtin",
