@@ -49,7 +49,12 @@ TINY_QWEN3_MOE: dict[str, Any] = dict(
 # ~58% of tokens rerouted between bf16 and fp32; narrow experts keep it at ~1M parameters so a
 # CPU step stays cheap. "deep_moe24" is the same with 24 MoE layers: the depth at which a bf16
 # forward reroutes a majority of tokens in at least one layer (tools/route_depth.py: ~83% on a
-# random model against ~50% at 12), at about twice the cost per step.
+# random model against ~50% at 12), at about twice the cost per step. "deep_moe128" is the full
+# comparison's model: 12 MoE layers of 128 experts (Qwen3-30B-A3B's count), top-16. With twice
+# the experts and twice the top-k, the 16th and 17th router scores sit closer together, so a bf16
+# engine flips ~11% of a random model's routing decisions (the R3 paper's ~10%) and ~6.7% of the
+# warm start's, and reroutes a majority of tokens at 12 layers (~75% random, ~55% warm-started)
+# for ~1.3x the time per step of deep_moe instead of deep_moe24's ~2x.
 _WIDE = dict(num_hidden_layers=5, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=16)
 _DEEP = dict(num_hidden_layers=12, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=8,
              mlp_only_layers=[])
@@ -60,6 +65,7 @@ TINY_VARIANTS: dict[str, dict[str, Any]] = {
     "wide_moe": dict(_WIDE, mlp_only_layers=[]),
     "deep_moe": _DEEP,
     "deep_moe24": dict(_DEEP, num_hidden_layers=24),
+    "deep_moe128": dict(_DEEP, num_experts=128, num_experts_per_tok=16),
 }
 
 

@@ -123,6 +123,25 @@ def test_deep_moe24_is_deep_moe_with_24_layers_and_its_own_warm_start(tmp_path):
     assert configs[1]["num_hidden_layers"] == 24 and configs[1]["mlp_only_layers"] == []
     paths = {compare.warm_start_path(mode, variant) for mode in (compare.FULL, compare.QUICK)
              for variant in compare.VARIANTS}
-    assert len(paths) == 4
+    assert len(paths) == 2 * len(compare.VARIANTS)
     with pytest.raises(SystemExit):
         compare.main(["--variant", "deep_moe48", "--out", str(tmp_path / "out")])
+
+
+def test_the_default_model_is_deep_moe128_twice_the_experts_and_top_k_of_deep_moe(tmp_path):
+    """The full comparison's model (the first of VARIANTS, --variant's default): deep_moe's 12 MoE
+    layers with 128 experts (Qwen3-30B-A3B's count) and top-16, all MoE so SGLang serves it."""
+    import json
+
+    import compare
+    from moerl.tiny_model import TINY_VARIANTS, create_tiny_hf_model
+
+    assert compare.VARIANTS[0] == "deep_moe128"
+    configs = [json.loads((create_tiny_hf_model(tmp_path / v, **TINY_VARIANTS[v])
+                           / "config.json").read_text()) for v in ("deep_moe", "deep_moe128")]
+    differ = {k for k in configs[0].keys() | configs[1].keys()
+              if configs[0].get(k) != configs[1].get(k)}
+    experts_key = "num_local_experts" if "num_local_experts" in configs[1] else "num_experts"
+    assert differ == {experts_key, "num_experts_per_tok"}
+    assert (configs[1][experts_key], configs[1]["num_experts_per_tok"]) == (128, 16)
+    assert configs[1]["num_hidden_layers"] == 12 and configs[1]["mlp_only_layers"] == []

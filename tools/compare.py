@@ -1,13 +1,15 @@
 """The comparison moerl exists for: GRPO with keep-routing vs GSPO without routing replay.
 
     python tools/compare.py --out runs/compare2 [--quick] [--seeds 1 2 3] [--arms ...]
-                            [--engine builtin|sglang] [--variant deep_moe|deep_moe24]
+                            [--engine builtin|sglang]
+                            [--variant deep_moe128|deep_moe|deep_moe24]
 
 Second edition: a setting fragile enough for the mechanism to show. The task is ``chain``
 (multi-step arithmetic that writes every partial sum: responses of ~20-25 tokens, exact verifier;
-``moerl.tasks.chain``), the model the ``deep_moe`` tiny Qwen3-MoE (12 MoE layers, 64 experts,
-top-8, all MoE so SGLang can serve it; ``--variant deep_moe24``: 24 such layers, where a bf16
-engine reroutes about half the warm start's tokens), warm-started once per setting and cached under
+``moerl.tasks.chain``), the model the ``deep_moe128`` tiny Qwen3-MoE (12 MoE layers, 128 experts,
+top-16, all MoE so SGLang can serve it), on which a bf16 engine reroutes a majority of the warm
+start's tokens in at least one layer (``--variant deep_moe``: 64 experts, top-8, about a third;
+``deep_moe24``: that with 24 layers, about half), warm-started once per setting and cached under
 ``runs/warmstart/`` (reused by every arm and seed, and by later invocations). Every arm is a real
 training run (torchrun, TP=2/EP=2, built-in rollout server) from that checkpoint with the same
 seeds, under settings that make the train/rollout mismatch real: a bf16 rollout engine against an
@@ -15,7 +17,7 @@ fp32 trainer, top-p sampling, several mini-batch updates per rollout (off-policy
 ``--engine sglang`` makes the rollout engine a real SGLang 0.5.23 server that each run starts
 (``rollout.server=sglang``; ``launch/setup_sglang.sh`` first on a CPU machine): a second
 implementation of the model, as at scale. SGLang serves only all-MoE Qwen3-MoE checkpoints (as
-``deep_moe`` is), and returns sampling masks only for a finite top-k, so top-k is set to the
+every variant is), and returns sampling masks only for a finite top-k, so top-k is set to the
 vocabulary size (which truncates nothing: the arms sample with the same top-p as with the built-in
 engine). Writes, under ``--out``:
 
@@ -113,7 +115,9 @@ FULL = Mode(arms=("grpo_r3_mask", "gspo", "grpo"), seeds=(1, 2, 3), steps=50,
 # routing; its policy is not yet right on whole chains, so its rewards carry little signal.
 QUICK = Mode(arms=("grpo_r3_mask", "gspo", "grpo"), seeds=(1, 2), steps=3, eval_every=3,
              warm_steps=50, warm_target=0.2)
-VARIANTS = ("deep_moe", "deep_moe24")  # moerl.tiny_model variants: 12 / 24 MoE layers
+# moerl.tiny_model variants, the default first: 12 MoE layers of 128 experts (top-16), 12 / 24 of
+# 64 experts (top-8).
+VARIANTS = ("deep_moe128", "deep_moe", "deep_moe24")
 
 SERIES = [("score/mean", "sample accuracy"), ("eval/accuracy", "greedy eval accuracy"),
           ("mismatch/k3", "train/rollout k3 KL"), ("mismatch/extreme_frac",
@@ -478,10 +482,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--variant", choices=VARIANTS, default=VARIANTS[0],
-                        help="the model: deep_moe (12 MoE layers of 64 experts, top-8) or "
-                             "deep_moe24 (24 such layers: about half the warm start's tokens "
-                             "rerouted by a bf16 engine, ~2x the time per step); each has its "
-                             "own cached warm start")
+                        help="the model: deep_moe128 (12 MoE layers of 128 experts, top-16: a "
+                             "majority of the warm start's tokens rerouted by a bf16 engine), "
+                             "deep_moe (12 layers of 64 experts, top-8: about a third) or "
+                             "deep_moe24 (24 such layers: about half, ~2x the time per step); "
+                             "each has its own cached warm start")
     parser.add_argument("--model", type=Path, default=None,
                         help="HF checkpoint (default: the cached warm start of --variant)")
     parser.add_argument("--engine", choices=["builtin", "sglang"], default="builtin",

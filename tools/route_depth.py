@@ -1,14 +1,16 @@
 """How the engine/trainer mismatch grows with the number of MoE layers a token crosses.
 
     python tools/route_depth.py --out runs/route_depth [--layers 1 2 4 8 12 24 48]
-                                [--seeds 1 2 3] [--model CKPT ...]
+                                [--seeds 1 2 3] [--variants deep_moe deep_moe128]
+                                [--model CKPT ...]
 
 The R3 paper's argument (arXiv:2510.11370) is that routing flips compound with depth: on
 Qwen3-30B-A3B about 10% of (token, layer) routing decisions differ between the inference engine
 and the trainer, and 94% of tokens differ in at least one of its 48 MoE layers. This measures that
-curve on CPU-sized models. For each number of MoE layers L it builds random tiny Qwen3-MoEs of the
-comparison's ``deep_moe`` shape (64 experts, top-8) with L layers (one per ``--seeds`` entry) and
-runs :func:`moerl.warmstart.route_fragility` on the ``chain`` task's evaluation set: a bf16
+curve on CPU-sized models. For each shape in ``--variants`` (``moerl.tiny_model`` variants: the
+comparison's ``deep_moe``, 64 experts, top-8, and ``deep_moe128``, 128 experts, top-16) and each
+number of MoE layers L it builds random tiny Qwen3-MoEs of that shape with L layers (one per
+``--seeds`` entry) and runs :func:`moerl.warmstart.route_fragility` on the ``chain`` task's evaluation set: a bf16
 forward of the same weights against the fp32 one, teacher-forced on prompt + answer. Per L:
 
 - ``rerouted``: the fraction of answer tokens whose experts differ in at least one layer;
@@ -65,7 +67,7 @@ def _spread(values: list[float]) -> tuple[float, float]:
 
 
 def sweep(layers: list[int], seeds: list[int], *, num_prompts: int, models: list[Path],
-          log=print) -> dict:
+          variants: tuple[str, ...] = ("deep_moe",), log=print) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -78,18 +80,20 @@ def sweep(layers: list[int], seeds: list[int], *, num_prompts: int, models: list
     prompts = task.eval_set()
     rows = []
     with tempfile.TemporaryDirectory(prefix="moerl-route-depth-") as tmp:
-        for num_layers in layers:
-            runs = []
-            for seed in seeds:
-                path = create_tiny_hf_model(Path(tmp) / f"L{num_layers}_s{seed}", seed=seed,
-                                            **dict(TINY_VARIANTS["deep_moe"],
-                                                   num_hidden_layers=num_layers))
-                started = time.time()
-                runs.append(measure(path, task, prompts))
-                log(f"L={num_layers} seed {seed}: {runs[-1]['rerouted']:.3f} of tokens "
-                    f"rerouted, kl {runs[-1]['kl']:.3g} ({time.time() - started:.1f} s)")
-            rows.append({"model": "random deep_moe", "layers": num_layers, "seeds": seeds,
-                         **{k: _spread([r[k] for r in runs]) for k in KEYS}})
+        for variant in variants:
+            for num_layers in layers:
+                runs = []
+                for seed in seeds:
+                    path = create_tiny_hf_model(Path(tmp) / f"{variant}_L{num_layers}_s{seed}",
+                                                seed=seed, **dict(TINY_VARIANTS[variant],
+                                                                  num_hidden_layers=num_layers))
+                    started = time.time()
+                    runs.append(measure(path, task, prompts))
+                    log(f"{variant} L={num_layers} seed {seed}: {runs[-1]['rerouted']:.3f} of "
+                        f"tokens rerouted, kl {runs[-1]['kl']:.3g} "
+                        f"({time.time() - started:.1f} s)")
+                rows.append({"model": f"random {variant}", "layers": num_layers, "seeds": seeds,
+                             **{k: _spread([r[k] for r in runs]) for k in KEYS}})
     for path in models:
         got = measure(path, task, prompts)
         log(f"{path}: {got['rerouted']:.3f} of tokens rerouted, kl {got['kl']:.3g}")
@@ -131,13 +135,16 @@ def plot(result: dict, out: Path) -> Path:
 
     random_rows = [r for r in result["rows"] if r["seeds"]]
     trained = [r for r in result["rows"] if not r["seeds"]]
-    xs = [r["layers"] for r in random_rows]
+    shapes = list(dict.fromkeys(r["model"] for r in random_rows))  # "random <variant>", in order
+    xs = sorted({r["layers"] for r in random_rows})
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    mean = [r["rerouted"][0] for r in random_rows]
-    std = [r["rerouted"][1] for r in random_rows]
-    left.errorbar(xs, mean, yerr=std, marker="o", label="measured: random deep_moe, bf16 vs fp32")
-    left.plot(xs, [r["independent"][0] for r in random_rows], "--",
-              label="independent flips: 1-(1-flip)^L")
+    for shape in shapes:
+        rows = [r for r in random_rows if r["model"] == shape]
+        line = left.errorbar([r["layers"] for r in rows], [r["rerouted"][0] for r in rows],
+                             yerr=[r["rerouted"][1] for r in rows], marker="o",
+                             label=f"measured: {shape}, bf16 vs fp32")
+        left.plot([r["layers"] for r in rows], [r["independent"][0] for r in rows], "--",
+                  color=line.lines[0].get_color(), label=f"{shape}: 1-(1-flip)^L")
     for r in trained:
         left.plot([r["layers"]], [r["rerouted"][0]], "s", label=f"trained: {Path(r['model']).name}")
     p = result["paper"]
@@ -147,9 +154,12 @@ def plot(result: dict, out: Path) -> Path:
              ylim=(0, 1.02), title="Routing flips compound with depth")
     left.set_xticks(xs, [str(x) for x in xs])
     left.legend(fontsize=7)
-    for key, label in (("kl", "all tokens"), ("kl_same", "routed identically"),
-                       ("kl_rerouted", "rerouted")):
-        right.plot(xs, [r[key][0] for r in random_rows], marker="o", label=f"random: {label}")
+    for shape in shapes:
+        rows = [r for r in random_rows if r["model"] == shape]
+        for key, label in (("kl", "all tokens"), ("kl_same", "routed identically"),
+                           ("kl_rerouted", "rerouted")):
+            right.plot([r["layers"] for r in rows], [r[key][0] for r in rows], marker="o",
+                       label=f"{shape}: {label}")
     for r in trained:
         right.plot([r["layers"]], [r["kl"][0]], "s",
                    label=f"trained: {Path(r['model']).name}, all tokens")
@@ -172,11 +182,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="random initialisations per depth")
     parser.add_argument("--num-prompts", type=int, default=128,
                         help="chain problems (4 one-digit terms) to teacher-force")
+    parser.add_argument("--variants", nargs="+", default=["deep_moe", "deep_moe128"],
+                        help="moerl.tiny_model variants whose shape (experts, top-k) the random "
+                             "models take, each swept over --layers")
     parser.add_argument("--model", type=Path, nargs="*", default=[],
                         help="trained HF checkpoints to add as rows (e.g. a warm start)")
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.layers):
         parser.error(f"--layers must be positive, got {args.layers}")
+    from moerl.tiny_model import TINY_VARIANTS
+
+    unknown = [v for v in args.variants if v not in TINY_VARIANTS]
+    if unknown:
+        parser.error(f"--variants {unknown}: not moerl.tiny_model variants "
+                     f"({', '.join(TINY_VARIANTS)})")
     if args.num_prompts < 1:
         parser.error(f"--num-prompts must be positive, got {args.num_prompts}")
     for path in args.model:
@@ -184,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--model {path}: no config.json there (an HF checkpoint directory)")
     args.out.mkdir(parents=True, exist_ok=True)
     result = sweep(args.layers, args.seeds, num_prompts=args.num_prompts, models=args.model,
-                   log=lambda msg: print(f"[route_depth] {msg}", flush=True))
+                   variants=tuple(args.variants), log=lambda msg: print(f"[route_depth] {msg}", flush=True))
     (args.out / "route_depth.json").write_text(json.dumps(result, indent=2))
     table = markdown(result)
     (args.out / "route_depth.md").write_text(table)
