@@ -145,3 +145,19 @@ def test_the_default_model_is_deep_moe128_twice_the_experts_and_top_k_of_deep_mo
     assert differ == {experts_key, "num_experts_per_tok"}
     assert (configs[1][experts_key], configs[1]["num_experts_per_tok"]) == (128, 16)
     assert configs[1]["num_hidden_layers"] == 12 and configs[1]["mlp_only_layers"] == []
+
+
+def test_an_out_directory_of_another_setting_is_refused_before_any_run(tmp_path):
+    """--quick then the full mode into one --out would skip the quick mode's 3-step runs as done
+    (and resume unfinished ones from the wrong checkpoints): the second setting is refused, with
+    what differs; the same setting (more arms or seeds) resumes."""
+    import compare
+
+    quick = {"model": tmp_path / "m", "engine": "builtin", "steps": 3, "eval_every": 3,
+             "task": compare.TASK, "settings": compare.MISMATCH_SETTINGS}
+    compare.check_setting(tmp_path, quick)
+    compare.check_setting(tmp_path, dict(quick))  # resuming the same setting
+    with pytest.raises(SystemExit, match=r"steps: 3 there, 50 now.*new --out"):
+        compare.check_setting(tmp_path, {**quick, "steps": 50, "eval_every": 3})
+    with pytest.raises(SystemExit, match="engine: 'builtin' there, 'sglang' now"):
+        compare.check_setting(tmp_path, {**quick, "engine": "sglang"})

@@ -1,6 +1,6 @@
 """The comparison moerl exists for: GRPO with keep-routing vs GSPO without routing replay.
 
-    python tools/compare.py --out runs/compare2 [--quick] [--seeds 1 2 3] [--arms ...]
+    python tools/compare.py --out runs/compare3 [--quick] [--seeds 1 2 3] [--arms ...]
                             [--engine builtin|sglang]
                             [--variant deep_moe128|deep_moe|deep_moe24]
 
@@ -462,6 +462,24 @@ def ensure_model(mode: Mode, log, variant: str = VARIANTS[0]) -> Path:
     return path
 
 
+def check_setting(out: Path, setting: dict) -> None:
+    """Refuse to run into an ``--out`` that holds runs of another setting (model, engine, steps,
+    ...): a finished run there would be skipped and counted as this setting's, and an unfinished
+    one resumed from the other setting's checkpoint. The first invocation records the setting in
+    ``setting.json``; arms and seeds may be added later, the rest must match."""
+    setting = json.loads(json.dumps(setting, default=str))  # as it reads back from disk
+    path = out / "setting.json"
+    if not path.exists():
+        path.write_text(json.dumps(setting, indent=2, sort_keys=True))
+        return
+    before = json.loads(path.read_text())
+    changed = sorted(k for k in before.keys() | setting.keys() if before.get(k) != setting.get(k))
+    if changed:
+        diff = "; ".join(f"{k}: {before.get(k)!r} there, {setting.get(k)!r} now" for k in changed)
+        raise SystemExit(f"--out {out} holds runs of another setting ({diff}). Pass a new --out, "
+                         f"or the flags of that setting to resume it.")
+
+
 def estimate_minutes(summary: dict, mode: Mode, *, startup_s: float) -> float:
     """Minutes a mode would take at the measured seconds per step (mean over arms) plus a
     per-run start-up cost (torchrun, model build, server start, final evaluation)."""
@@ -472,7 +490,9 @@ def estimate_minutes(summary: dict, mode: Mode, *, startup_s: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare2")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run directory (default: runs/compare, --quick: runs/compare_quick); "
+                             "resumable, and refused if it holds runs of another setting")
     parser.add_argument("--quick", action="store_true",
                         help="3 arms x 2 seeds x 3 steps, 50-step warm start: the pipeline end "
                              "to end, ~10 minutes on an idle 2-core CPU (estimated)")
@@ -491,20 +511,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="HF checkpoint (default: the cached warm start of --variant)")
     parser.add_argument("--engine", choices=["builtin", "sglang"], default="builtin",
                         help="rollout engine: moerl's built-in server, or a real SGLang server "
-                             "started by each run (the model must be all-MoE, as both "
-                             "variants are)")
+                             "started by each run (the model must be all-MoE, as every "
+                             "variant is)")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
     mode = Mode(arms=tuple(args.arms or base.arms), seeds=tuple(args.seeds or base.seeds),
                 steps=args.steps or base.steps, eval_every=args.eval_every or base.eval_every,
                 warm_steps=base.warm_steps, warm_target=base.warm_target)
-    out = args.out
+    out = args.out or REPO / "runs" / ("compare_quick" if args.quick else "compare")
     out.mkdir(parents=True, exist_ok=True)
 
     def log(msg):
         print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     model = args.model or ensure_model(mode, log, args.variant)
+    check_setting(out, {"model": str(model), "engine": args.engine, "steps": mode.steps,
+                        "eval_every": mode.eval_every, "task": TASK,
+                        "settings": {**MISMATCH_SETTINGS, **engine_settings(args.engine, model)}})
     started = time.time()
     for seed in mode.seeds:
         for arm in mode.arms:
