@@ -30,9 +30,10 @@ engine). Writes, under ``--out``:
                                      tokens, k3 vs number of differing layers, clip/grad split
 
 Resumable: a run with a ``done.json`` is not rerun; an interrupted run resumes from its last
-checkpoint. ``--quick`` (3 arms x 2 seeds x 3 steps, a 50-step warm start) proves the whole
-pipeline, estimated at ~10 minutes on an idle 2-core CPU; the default is the full comparison
-(``FULL``: its size and the time estimate are in the README). Statistics and the collapse rule:
+checkpoint; ``--out`` keeps its setting in ``setting.json`` and refuses another one.
+``--quick`` (3 arms x 2 seeds x 3 steps, a 50-step warm start) proves the whole pipeline, 7m14s
+measured on an idle 2-core CPU (warm start included); the default is the full comparison
+(``FULL``: its size and measured time are in the README). Statistics and the collapse rule:
 ``tools/compare_stats.py``.
 """
 
@@ -105,10 +106,11 @@ class Mode:
     warm_target: float
 
 
-# Sized for ~90 minutes on an idle 2-core CPU: 3 x 3 x 50 = 450 rollout steps (1,800 policy
-# updates: 4 mini-batches per rollout) at the ~10.5 s per step measured by --quick, plus per-run
-# start-up and evaluations. The paper's fourth arm (gspo_r3) and the others: --arms. Hundreds of
-# rollout steps per run: --steps 200 (~4x the time).
+# Sized for the ~90 minutes an idle 2-core CPU may spend: 3 x 3 x 50 = 450 rollout steps (1,800
+# policy updates: 4 mini-batches per rollout). Measured with deep_moe128: 69 min for the 9 runs
+# (8.5 s per RL step, 36 s of start-up per run) after a 3-minute warm start; deep_moe: 48 min.
+# The paper's fourth arm (gspo_r3) and the others: --arms. 200 rollout steps per run: --steps
+# 200 (~4x the time).
 FULL = Mode(arms=("grpo_r3_mask", "gspo", "grpo"), seeds=(1, 2, 3), steps=50,
             eval_every=10, warm_steps=1500, warm_target=0.2)
 # A short warm start: the quick mode proves the pipeline and measures step times and step-0
@@ -495,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                              "resumable, and refused if it holds runs of another setting")
     parser.add_argument("--quick", action="store_true",
                         help="3 arms x 2 seeds x 3 steps, 50-step warm start: the pipeline end "
-                             "to end, ~10 minutes on an idle 2-core CPU (estimated)")
+                             "to end, 7m14s measured on an idle 2-core CPU")
     parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=None,
                         help=f"default: {' '.join(FULL.arms)} (--quick: {' '.join(QUICK.arms)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
