@@ -527,9 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     model = args.model or ensure_model(mode, log, args.variant)
+    settings = {**MISMATCH_SETTINGS, **engine_settings(args.engine, model)}
     check_setting(out, {"model": str(model), "engine": args.engine, "steps": mode.steps,
-                        "eval_every": mode.eval_every, "task": TASK,
-                        "settings": {**MISMATCH_SETTINGS, **engine_settings(args.engine, model)}})
+                        "eval_every": mode.eval_every, "task": TASK, "settings": settings})
     started = time.time()
     for seed in mode.seeds:
         for arm in mode.arms:
@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps(
         {"arms": arms, "seeds": seeds, "steps": mode.steps, "model": str(model),
          "variant": None if args.model else args.variant, "task": TASK, "engine": args.engine,
-         "settings": {**MISMATCH_SETTINGS, **engine_settings(args.engine, model)},
+         "settings": settings,
          "warmstart": json.loads(warm.read_text()) if warm.exists() else None,
          "summary": summary, "paired": pairs, "mechanism": mech}, indent=2))
     table = markdown(summary, seeds, pairs, mech)
