@@ -10,8 +10,9 @@ and the trainer, and 94% of tokens differ in at least one of its 48 MoE layers. 
 curve on CPU-sized models. For each shape in ``--variants`` (``moerl.tiny_model`` variants: the
 comparison's ``deep_moe``, 64 experts, top-8, and ``deep_moe128``, 128 experts, top-16) and each
 number of MoE layers L it builds random tiny Qwen3-MoEs of that shape with L layers (one per
-``--seeds`` entry) and runs :func:`moerl.warmstart.route_fragility` on the ``chain`` task's evaluation set: a bf16
-forward of the same weights against the fp32 one, teacher-forced on prompt + answer. Per L:
+``--seeds`` entry) and runs :func:`moerl.warmstart.route_fragility` on the ``chain`` task's
+evaluation set: a bf16 forward of the same weights against the fp32 one, teacher-forced on
+prompt + answer. Per L:
 
 - ``rerouted``: the fraction of answer tokens whose experts differ in at least one layer;
 - ``flip``: the fraction of (token, layer) decisions that differ, and ``1 - (1 - flip)^L``, what
@@ -135,11 +136,12 @@ def plot(result: dict, out: Path) -> Path:
 
     random_rows = [r for r in result["rows"] if r["seeds"]]
     trained = [r for r in result["rows"] if not r["seeds"]]
-    shapes = list(dict.fromkeys(r["model"] for r in random_rows))  # "random <variant>", in order
+    by_shape: dict[str, list[dict]] = {}  # "random <variant>" -> its rows, in sweep order
+    for r in random_rows:
+        by_shape.setdefault(r["model"], []).append(r)
     xs = sorted({r["layers"] for r in random_rows})
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for shape in shapes:
-        rows = [r for r in random_rows if r["model"] == shape]
+    for shape, rows in by_shape.items():
         line = left.errorbar([r["layers"] for r in rows], [r["rerouted"][0] for r in rows],
                              yerr=[r["rerouted"][1] for r in rows], marker="o",
                              label=f"measured: {shape}, bf16 vs fp32")
@@ -154,8 +156,7 @@ def plot(result: dict, out: Path) -> Path:
              ylim=(0, 1.02), title="Routing flips compound with depth")
     left.set_xticks(xs, [str(x) for x in xs])
     left.legend(fontsize=7)
-    for shape in shapes:
-        rows = [r for r in random_rows if r["model"] == shape]
+    for shape, rows in by_shape.items():
         for key, label in (("kl", "all tokens"), ("kl_same", "routed identically"),
                            ("kl_rerouted", "rerouted")):
             right.plot([r["layers"] for r in rows], [r[key][0] for r in rows], marker="o",
@@ -175,6 +176,8 @@ def plot(result: dict, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from moerl.tiny_model import TINY_VARIANTS  # no torch import: only the table of shapes
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "route_depth")
     parser.add_argument("--layers", nargs="+", type=int, default=[1, 2, 4, 8, 12, 24, 48])
@@ -183,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-prompts", type=int, default=128,
                         help="chain problems (4 one-digit terms) to teacher-force")
     parser.add_argument("--variants", nargs="+", default=["deep_moe", "deep_moe128"],
+                        choices=list(TINY_VARIANTS),
                         help="moerl.tiny_model variants whose shape (experts, top-k) the random "
                              "models take, each swept over --layers")
     parser.add_argument("--model", type=Path, nargs="*", default=[],
@@ -190,12 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.layers):
         parser.error(f"--layers must be positive, got {args.layers}")
-    from moerl.tiny_model import TINY_VARIANTS
-
-    unknown = [v for v in args.variants if v not in TINY_VARIANTS]
-    if unknown:
-        parser.error(f"--variants {unknown}: not moerl.tiny_model variants "
-                     f"({', '.join(TINY_VARIANTS)})")
     if args.num_prompts < 1:
         parser.error(f"--num-prompts must be positive, got {args.num_prompts}")
     for path in args.model:
@@ -203,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--model {path}: no config.json there (an HF checkpoint directory)")
     args.out.mkdir(parents=True, exist_ok=True)
     result = sweep(args.layers, args.seeds, num_prompts=args.num_prompts, models=args.model,
-                   variants=tuple(args.variants), log=lambda msg: print(f"[route_depth] {msg}", flush=True))
+                   variants=tuple(args.variants),
+                   log=lambda msg: print(f"[route_depth] {msg}", flush=True))
     (args.out / "route_depth.json").write_text(json.dumps(result, indent=2))
     table = markdown(result)
     (args.out / "route_depth.md").write_text(table)
